@@ -1,0 +1,1 @@
+"""lasa_jax: LASA in JAX/Flax."""
