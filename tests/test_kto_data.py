@@ -1,0 +1,203 @@
+"""KTO data pipeline and the local byte tokenizer (pure Python/NumPy; exact integer comparisons)."""
+
+import dataclasses
+import random
+import tempfile
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from lasa_jax.data.kto_data import (
+    PREFIX_SEPARATOR,
+    REFUSAL_PREFIX,
+    KTOItem,
+    collate,
+    encode_item,
+    epoch_order,
+    kl_pairs,
+    pairs_to_items,
+)
+from lasa_jax.data.tokenizers import CHAT_STYLES, build_byte_tokenizer
+
+try:
+    from lasa_jax.data.readers import KTOPair
+except ImportError:  # readers.py is written concurrently; the pipeline duck-types on these fields
+
+    @dataclasses.dataclass
+    class KTOPair:
+        prompt: str
+        chosen: str
+        rejected: str
+        source: str
+        idx: int
+        language: str | None = None
+        harmful: bool | None = None
+
+
+PROMPT = "How do I pick a lock on my own bike? ¿Puedes ayudarme?"
+COMPLETION = "Je ne peux pas aider avec ça. 抱歉。"
+
+
+def _head(tok, prompt, prefix):
+    """Expected text before the completion, built straight from the tokenizer's template."""
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return text + (prefix + "\n" if prefix else "")
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen"])
+def test_tokenizer_round_trip_and_conventions(style):
+    tok = build_byte_tokenizer(style)
+    spec = CHAT_STYLES[style]
+    assert len(tok) % 8 == 0 and len(tok) < 300
+    assert tok.eos_token == spec["eos_token"] and tok.pad_token == spec["pad_token"]
+    text = "héllo wörld, 你好 — ok"
+    ids = tok(text)["input_ids"]
+    if style == "llama3":
+        assert ids[0] == tok.convert_tokens_to_ids("<|begin_of_text|>") and ids[1:] == list(text.encode())
+    else:
+        assert tok.bos_token is None and ids == list(text.encode())
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    msgs = [{"role": "user", "content": "hi"}]
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        back = AutoTokenizer.from_pretrained(d)
+    assert back(text)["input_ids"] == ids
+    for gen in (True, False):
+        assert back.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False) == tok.apply_chat_template(
+            msgs, add_generation_prompt=gen, tokenize=False)
+    assert (back.eos_token, back.pad_token, back.bos_token) == (tok.eos_token, tok.pad_token, tok.bos_token)
+    templ = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert templ.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n" if style == "llama3" else "<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen"])
+@pytest.mark.parametrize("prefix", [None, REFUSAL_PREFIX])
+def test_loss_mask_covers_exactly_completion_and_eos(style, prefix):
+    tok = build_byte_tokenizer(style)
+    enc = encode_item(tok, PROMPT, COMPLETION, prefix=prefix)
+    ids, mask = enc["input_ids"], enc["loss_mask"]
+    assert len(ids) == len(mask)
+    on = [i for i, m in zip(ids, mask) if m]
+    off = [i for i, m in zip(ids, mask) if not m]
+    assert tok.decode(on) == COMPLETION + tok.eos_token
+    assert on == tok(COMPLETION, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(off) == _head(tok, PROMPT, prefix)
+    assert mask == sorted(mask)  # prompt first, then a single run of loss tokens
+    if style == "llama3":  # template's BOS only, never a second one
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    if prefix:
+        assert REFUSAL_PREFIX + PREFIX_SEPARATOR in tok.decode(off)
+
+
+def test_token_merged_across_boundary_carries_loss():
+    """LLaMA-3 template ends in '\\n\\n'; a completion starting with '\\n' merges into one '\\n\\n\\n' token."""
+    tok = build_byte_tokenizer("llama3", extra_merges=[("\n", "\n"), ("\n\n", "\n")])
+    completion = "\nSorry, no."
+    head = _head(tok, PROMPT, None)
+    enc = encode_item(tok, PROMPT, completion, prefix=None)
+    ids, mask = enc["input_ids"], enc["loss_mask"]
+    newline3 = tok.convert_tokens_to_ids("ĊĊĊ")
+    first = mask.index(1)
+    assert ids[first] == newline3  # the straddling token is the completion's first loss token
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "\n\n" + completion + tok.eos_token
+    assert tok.decode(ids[:first]) == head[:-2]
+    # Tokenising the prompt alone gives a different split: the case naive length-based masking gets wrong.
+    head_ids = tok(head, add_special_tokens=False)["input_ids"]
+    assert ids[: len(head_ids)] != head_ids
+
+
+@pytest.mark.parametrize("style", ["llama3", "qwen"])
+def test_left_truncation_keeps_end_of_prompt(style):
+    tok = build_byte_tokenizer(style)
+    long_prompt = " ".join(f"w{i}" for i in range(200)) + " FINAL QUESTION?"
+    full = encode_item(tok, long_prompt, COMPLETION, prefix=REFUSAL_PREFIX, max_length=10_000, max_prompt_length=10_000)
+    cut = encode_item(tok, long_prompt, COMPLETION, prefix=REFUSAL_PREFIX, max_length=10_000, max_prompt_length=200)
+    n_full = full["loss_mask"].index(1)
+    assert n_full > 200 and cut["loss_mask"].index(1) == 200
+    assert cut["input_ids"] == full["input_ids"][n_full - 200:]
+    assert REFUSAL_PREFIX in tok.decode(cut["input_ids"][:200])
+
+    short = encode_item(tok, long_prompt, COMPLETION, prefix=None, max_length=60, max_prompt_length=50)
+    assert len(short["input_ids"]) == 60 and sum(short["loss_mask"]) == 10
+    on = [i for i, m in zip(short["input_ids"], short["loss_mask"]) if m]
+    assert on == tok(COMPLETION, add_special_tokens=False)["input_ids"][:10]  # completion cut from the right
+
+
+def _pairs(n):
+    return [
+        KTOPair(prompt=f"q{i}", chosen=f"c{i}", rejected=f"r{i}",
+                source="safety" if i % 2 == 0 else "general", idx=i, language="en", harmful=i % 2 == 0)
+        for i in range(n)
+    ]
+
+
+def test_pairs_to_items_source_mode_seeded():
+    pairs = _pairs(400)
+    items = pairs_to_items(pairs, z_mode="source", seed=7)
+    assert len(items) == 800
+    assert [(it.prompt, it.completion, it.desirable) for it in items[:4]] == [
+        ("q0", "c0", True), ("q0", "r0", False), ("q1", "c1", True), ("q1", "r1", False)]
+    assert items == pairs_to_items(pairs, z_mode="source", seed=7)
+    assert [it.z for it in items] != [it.z for it in pairs_to_items(pairs, z_mode="source", seed=8)]
+    assert not any(it.z for it in items if it.source == "general")
+    rate = np.mean([it.z for it in items if it.source == "safety"])
+    assert 0.4 < rate < 0.6  # 400 Bernoulli(0.5) draws: sd 0.025
+    # Authors' scheme: one random.Random(seed) draw per unpaired row, in row order.
+    rng = random.Random(7)
+    expected = [rng.random() < {"safety": 0.5, "general": 0.0}[it.source] for it in items]
+    assert [it.z for it in items] == expected
+    with pytest.raises(ValueError, match="source 'other'"):
+        pairs_to_items([dataclasses.replace(pairs[0], source="other")], z_mode="source", seed=0)
+
+
+def test_pairs_to_items_ssi_and_label_modes():
+    pairs = _pairs(6)
+    verdicts = {p.prompt: p.idx in (1, 4) for p in pairs}
+    ssi = pairs_to_items(pairs, z_mode="ssi", ssi_verdicts=verdicts)
+    assert [it.z for it in ssi] == [p.idx in (1, 4) for p in pairs for _ in range(2)]
+    lab = pairs_to_items(pairs, z_mode="label")
+    assert [it.z for it in lab] == [p.harmful for p in pairs for _ in range(2)]
+    with pytest.raises(ValueError, match="no SSI verdict"):
+        pairs_to_items(pairs, z_mode="ssi", ssi_verdicts={})
+    with pytest.raises(ValueError, match="'harmful'"):
+        pairs_to_items([dataclasses.replace(pairs[0], harmful=None)], z_mode="label")
+    with pytest.raises(ValueError, match="'chosen'"):
+        pairs_to_items([dataclasses.replace(pairs[0], chosen=None)], z_mode="label")
+
+
+def test_kl_pairs_rotate_like_trl():
+    """TRL: (x_1, y_1..n) -> (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}); prompt, z and label stay."""
+    items = [KTOItem(f"x{i}", f"y{i}", i % 2 == 0, i == 1, "safety") for i in range(4)]
+    kl = kl_pairs(items)
+    assert [(k.prompt, k.completion) for k in kl] == [("x0", "y3"), ("x1", "y0"), ("x2", "y1"), ("x3", "y2")]
+    assert [k.z for k in kl] == [it.z for it in items]
+
+
+def test_epoch_order():
+    a = epoch_order(50, 0, seed=3)
+    assert sorted(a.tolist()) == list(range(50))
+    assert np.array_equal(a, epoch_order(50, 0, seed=3))
+    assert not np.array_equal(a, epoch_order(50, 1, seed=3))
+    assert not np.array_equal(a, epoch_order(50, 0, seed=4))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collate_positions_count_real_tokens(side):
+    enc = [{"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}, {"input_ids": [8], "loss_mask": [1]},
+           {"input_ids": [1, 2, 3, 4, 9], "loss_mask": [0, 0, 0, 1, 1]}]
+    out = collate(enc, pad_id=99, pad_to=8, padding_side=side)
+    assert out["tokens"].shape == (3, 8) and out["tokens"].dtype == np.int32 and out["positions"].dtype == np.int32
+    assert out["attention_mask"].dtype == bool and out["loss_mask"].dtype == bool
+    for row, e in enumerate(enc):
+        n = len(e["input_ids"])
+        real = out["attention_mask"][row]
+        assert real.sum() == n
+        idx = np.flatnonzero(real)
+        assert idx.tolist() == (list(range(8 - n, 8)) if side == "left" else list(range(n)))
+        assert out["tokens"][row, idx].tolist() == e["input_ids"]
+        assert out["positions"][row, idx].tolist() == list(range(n))
+        assert out["loss_mask"][row, idx].tolist() == [bool(m) for m in e["loss_mask"]]
+        assert np.all(out["tokens"][row, ~real] == 99) and not out["loss_mask"][row, ~real].any()
+    with pytest.raises(ValueError, match="pad_to=4"):
+        collate(enc, pad_id=0, pad_to=4)
