@@ -1,0 +1,221 @@
+"""Evaluation report: aggregate judged generation records into rates, a table and a figure.
+
+A record is one judged generation, a dict with at least
+``language``, ``prompt_set`` ("harmful" | "benign"), ``label`` ("unsafe" | "safe" | "invalid"),
+``refused`` (bool), ``ssi_flagged`` (bool, or None when no SSI gated the generation) and
+``model`` (a name such as "base" or "aligned"). Records live in JSONL files written atomically,
+so a run can be re-judged (``lasa_jax.judges.judge_records``) and re-aggregated without
+regenerating.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from lasa_jax.data.refusals import LANGUAGES
+
+LABELS = ("unsafe", "safe", "invalid")
+PROMPT_SETS = ("harmful", "benign")
+# On harmful prompts: rate = count / n_harmful; on benign prompts: count / n_benign.
+HARMFUL_METRICS = ("asr", "refusal_rate", "invalid_rate", "ssi_trigger_rate")
+BENIGN_METRICS = ("benign_refusal_rate", "benign_invalid_rate", "benign_ssi_trigger_rate")
+METRICS = HARMFUL_METRICS + BENIGN_METRICS
+_MODEL_ORDER = ("base", "aligned")
+
+
+def _validate(i: int, rec: Mapping[str, Any]) -> None:
+    def bad(field: str, why: str) -> ValueError:
+        return ValueError(f"record {i}: field {field!r} {why}")
+
+    if not isinstance(rec, Mapping):
+        raise ValueError(f"record {i}: expected a dict, got {type(rec).__name__}")
+    for field in ("language", "model"):
+        if not isinstance(rec.get(field), str) or not rec[field]:
+            raise bad(field, "missing or not a non-empty string")
+    if rec.get("prompt_set") not in PROMPT_SETS:
+        raise bad("prompt_set", f"is {rec.get('prompt_set')!r}, expected one of {PROMPT_SETS}")
+    if rec.get("label") not in LABELS:
+        raise bad("label", f"is {rec.get('label')!r}, expected one of {LABELS}")
+    if not isinstance(rec.get("refused"), bool):
+        raise bad("refused", f"is {rec.get('refused')!r}, expected true/false")
+    if "ssi_flagged" not in rec or not (rec["ssi_flagged"] is None or isinstance(rec["ssi_flagged"], bool)):
+        raise bad("ssi_flagged", f"is {rec.get('ssi_flagged', '<missing>')!r}, expected true/false/null")
+
+
+def _rate(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def _cell(recs: list[Mapping[str, Any]]) -> dict[str, Any]:
+    harm = [r for r in recs if r["prompt_set"] == "harmful"]
+    ben = [r for r in recs if r["prompt_set"] == "benign"]
+    harm_ssi = [r["ssi_flagged"] for r in harm if r["ssi_flagged"] is not None]
+    ben_ssi = [r["ssi_flagged"] for r in ben if r["ssi_flagged"] is not None]
+    return {
+        "n_harmful": len(harm),
+        "n_benign": len(ben),
+        "asr": _rate(sum(r["label"] == "unsafe" for r in harm), len(harm)),
+        "refusal_rate": _rate(sum(r["refused"] for r in harm), len(harm)),
+        "invalid_rate": _rate(sum(r["label"] == "invalid" for r in harm), len(harm)),
+        # Rates over the records that carry an SSI verdict; None when no record does (e.g. a
+        # base model generating without the SSI gate).
+        "ssi_trigger_rate": _rate(sum(harm_ssi), len(harm_ssi)),
+        "benign_refusal_rate": _rate(sum(r["refused"] for r in ben), len(ben)),
+        "benign_invalid_rate": _rate(sum(r["label"] == "invalid" for r in ben), len(ben)),
+        "benign_ssi_trigger_rate": _rate(sum(ben_ssi), len(ben_ssi)),
+    }
+
+
+def _ordered(names: Iterable[str], preferred: Iterable[str]) -> list[str]:
+    names = list(dict.fromkeys(names))
+    first = [n for n in preferred if n in names]
+    return first + [n for n in names if n not in first]
+
+
+def aggregate(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Rates per model and language, and their unweighted mean over languages.
+
+    Returns ``{"languages": [...], "models": {model: {"per_language": {lang: cell},
+    "average": cell}}}``; a cell holds ``n_harmful``, ``n_benign`` and every name in
+    ``METRICS`` (a float in [0, 1], or None where it has no denominator). ``average`` is the
+    macro mean over the languages where the metric is defined (each language weighs the same,
+    as the paper averages ASR), with ``n_*`` summed.
+    """
+    records = list(records)
+    if not records:
+        raise ValueError("aggregate: no records")
+    for i, rec in enumerate(records):
+        _validate(i, rec)
+    languages = _ordered(sorted({r["language"] for r in records}), LANGUAGES)
+    models = _ordered([r["model"] for r in records], _MODEL_ORDER)
+    out: dict[str, Any] = {"languages": languages, "models": {}}
+    for model in models:
+        mine = [r for r in records if r["model"] == model]
+        per_lang = {lang: _cell([r for r in mine if r["language"] == lang]) for lang in languages}
+        avg: dict[str, Any] = {
+            "n_harmful": sum(c["n_harmful"] for c in per_lang.values()),
+            "n_benign": sum(c["n_benign"] for c in per_lang.values()),
+        }
+        for metric in METRICS:
+            vals = [c[metric] for c in per_lang.values() if c[metric] is not None]
+            avg[metric] = sum(vals) / len(vals) if vals else None
+        out["models"][model] = {"per_language": per_lang, "average": avg}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def markdown_table(report: Mapping[str, Any]) -> str:
+    """One row per (language, model) plus an average row per model; rates in percent."""
+    head = [
+        "Language", "Model", "n harmful", "ASR", "Refusal", "Invalid", "SSI trigger",
+        "n benign", "Benign refusal", "Benign invalid", "Benign SSI trigger",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = [(lang, lambda m, lang=lang: m["per_language"][lang]) for lang in report["languages"]]
+    rows.append(("average", lambda m: m["average"]))
+    for name, get in rows:
+        for model, body in report["models"].items():
+            c = get(body)
+            cells = [name, model, str(c["n_harmful"])]
+            cells += [_pct(c[k]) for k in HARMFUL_METRICS]
+            cells += [str(c["n_benign"])] + [_pct(c[k]) for k in BENIGN_METRICS]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_asr(report: Mapping[str, Any], path: str | os.PathLike):
+    """Grouped bars: one group per language (and the average), one bar per model. Saves a PNG
+    and returns the matplotlib Figure (not registered with pyplot, so nothing to close)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups = list(report["languages"]) + ["avg"]
+    models = list(report["models"])
+    width = 0.8 / max(len(models), 1)
+    fig = Figure(figsize=(max(6.0, 0.7 * len(groups) * max(len(models), 1)), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for j, model in enumerate(models):
+        body = report["models"][model]
+        vals = [body["per_language"][g]["asr"] for g in groups[:-1]] + [body["average"]["asr"]]
+        heights = [math.nan if v is None else 100 * v for v in vals]
+        xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(groups))]
+        bars = ax.bar(xs, heights, width=width, label=model)
+        # Printed values tell a 0 % bar (invisible) from a missing one.
+        ax.bar_label(bars, ["" if math.isnan(h) else f"{h:.1f}" for h in heights], fontsize=7)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_xlabel("Language")
+    ax.set_ylabel("Attack success rate (%)")
+    ax.set_title("ASR on harmful prompts per language")
+    ax.set_ylim(0, 105)
+    ax.legend(title="Model", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: str | os.PathLike, text: str) -> None:
+    # Temp file in the target directory + os.replace: readers never see a half-written file.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> None:
+    """One JSON object per line, UTF-8, non-ASCII kept readable; written atomically."""
+    lines = []
+    for i, rec in enumerate(records):
+        try:
+            lines.append(json.dumps(rec, ensure_ascii=False))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"write_jsonl {path}: record {i} is not JSON-serialisable: {e}") from None
+    _atomic_write(path, "".join(line + "\n" for line in lines))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a JSONL file; blank lines skipped; a bad line is an error naming file and line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+            out.append(rec)
+    return out
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Pretty JSON (e.g. the aggregated report), written atomically."""
+    _atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
