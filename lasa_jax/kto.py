@@ -14,9 +14,12 @@ def token_logps(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
     Kept aligned with `tokens` (not shifted to T-1) so a loss mask over target tokens applies directly.
     """
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.pad(picked, ((0, 0), (1, 0)))
+    # gather - logsumexp instead of a full log_softmax: no (B,T,V) float32 array has to be kept,
+    # XLA fuses the upcast into the reduction.
+    x = logits[:, :-1]
+    picked = jnp.take_along_axis(x, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+    logp = picked.astype(jnp.float32) - jax.nn.logsumexp(x.astype(jnp.float32), axis=-1)
+    return jnp.pad(logp, ((0, 0), (1, 0)))
 
 
 def completion_logps(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
