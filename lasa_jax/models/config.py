@@ -223,3 +223,37 @@ def check_expected(cfg: ModelConfig, expected: dict[str, Any], where: str) -> No
             bad.append(f"{key}: config says {want!r}, checkpoint has {got!r}")
     if bad:
         raise ConfigError(f"{where}: checkpoint does not match config.model.expect ({'; '.join(bad)})")
+
+
+_HF_ARCH = {v: k for k, v in ARCHITECTURES.items()}
+_HF_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def to_hf_dict(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
+    """An HF config.json (transformers v5 layout) describing ``cfg``; used when we create
+    checkpoints ourselves (the tiny default, the toy world)."""
+    rope: dict[str, Any] = {"rope_type": cfg.rope.kind, "rope_theta": cfg.rope.theta}
+    if cfg.rope.kind == "llama3":
+        rope.update(factor=cfg.rope.factor, low_freq_factor=cfg.rope.low_freq_factor,
+                    high_freq_factor=cfg.rope.high_freq_factor,
+                    original_max_position_embeddings=cfg.rope.original_max_position_embeddings)
+    out = {
+        "architectures": [_HF_ARCH[cfg.family]],
+        "model_type": _HF_MODEL_TYPE[cfg.family],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "hidden_act": "silu",
+    }
+    if cfg.family == "qwen2":
+        out["attention_bias"] = cfg.qkv_bias
+    out.update(extra)
+    return out

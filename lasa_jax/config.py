@@ -1,0 +1,116 @@
+"""The run configuration: one ml_collections ConfigDict, every field declared here.
+
+Per-model files in ``configs/`` start from ``base_config()`` and change a few fields; the command
+line overrides any field (``--config.ssi.learning_rate=3e-4``). The dict is locked, so a typo in a
+field name is an error, on the command line and in code alike.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from lasa_jax.distributed import default_distributed_config
+from lasa_jax.ssi import default_ssi_config
+
+STAGES = ("bottleneck", "ssi", "align", "evaluate")
+
+
+def _fixture(name: str) -> str:
+    return f"fixtures:{name}"  # resolved against lasa_jax/data/fixtures at run time
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/default"
+    c.seed = 0
+    c.stages = ",".join(STAGES)  # comma-separated subset, run in this order
+    c.progress = True
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # local HF checkpoint directory
+    c.model.dtype = "bfloat16"  # compute dtype
+    c.model.param_dtype = "bfloat16"
+    c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.attention_impl = ""  # "" lets JAX choose; "xla" or "cudnn"
+    # Architecture facts checked against the checkpoint's config.json (None = not checked).
+    c.model.expect = ml_collections.ConfigDict({
+        "family": config_dict.placeholder(str), "vocab_size": config_dict.placeholder(int),
+        "hidden_size": config_dict.placeholder(int), "num_layers": config_dict.placeholder(int),
+        "num_heads": config_dict.placeholder(int), "num_kv_heads": config_dict.placeholder(int),
+        "head_dim": config_dict.placeholder(int), "intermediate_size": config_dict.placeholder(int),
+        "tie_embeddings": config_dict.placeholder(bool)})
+    # Used only when path is empty: a tiny random checkpoint is created in the workdir.
+    c.model.tiny = ml_collections.ConfigDict({
+        "family": "llama", "hidden_size": 64, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
+        "intermediate_size": 128})
+
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.distributed = default_distributed_config()
+    # Device memory for the fit check when the backend does not report it (CPU); 0 = skip.
+    c.device_memory_gb = 0.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.parallel_prompts = _fixture("parallel_harmful.json")  # stage 1: same query, many languages
+    c.data.ssi_prompts = _fixture("ssi_prompts.json")  # stage 2: harmful + benign, labelled
+    c.data.kto_pairs = _fixture("kto_pairs.json")  # stage 3
+    c.data.eval_harmful = _fixture("mild_harmful.csv")  # stage 4, MultiJail format
+    c.data.eval_benign = _fixture("benign_twins.csv")
+    c.data.languages = "en,zh,it,vi,ar,ko,th,bn,sw,jv"
+    c.data.feature_text = "raw"  # raw | chat : which text a prompt's feature is read from
+
+    c.bottleneck = ml_collections.ConfigDict()
+    c.bottleneck.batch_size = 16
+    c.bottleneck.bootstrap_draws = 1000
+    c.bottleneck.ci = 0.95
+    c.bottleneck.cache = True
+    c.bottleneck.max_queries = 0  # 0 = all
+
+    c.ssi = default_ssi_config()
+    c.ssi.layer = -1  # -1 = the bottleneck layer from bottleneck/report.json
+    c.ssi.batch_size_features = 16
+
+    c.align = ml_collections.ConfigDict()
+    c.align.beta = 0.1
+    c.align.desirable_weight = 1.0
+    c.align.undesirable_weight = 1.0
+    c.align.z_mode = "source"  # source | ssi | label
+    c.align.source_probs = "safety=0.5,general=0.0"
+    c.align.lambda_align = 0.0  # cross-lingual alignment term; 0 reproduces the paper
+    c.align.align_layer = -1  # -1 = bottleneck layer
+    c.align.align_batch_queries = 4
+    c.align.reference = "precomputed"  # precomputed | per_step
+    c.align.learning_rate = 1e-6
+    c.align.warmup_steps = 100
+    c.align.weight_decay = 0.0
+    c.align.grad_clip = 1.0
+    c.align.batch_size = 16  # items per optimiser step
+    c.align.grad_accum = 1
+    c.align.epochs = 3
+    c.align.max_steps = 0  # 0 = epochs decide
+    c.align.max_length = 512
+    c.align.max_prompt_length = 384
+    c.align.checkpoint_every = 100
+    c.align.keep_checkpoints = 2
+    c.align.export = True
+    c.align.export_dtype = ""  # "" = param dtype
+
+    c.evaluate = ml_collections.ConfigDict()
+    c.evaluate.judge = "refusal"  # refusal | qwen3guard | llamaguard
+    c.evaluate.guard_path = ""
+    c.evaluate.max_new_tokens = 512
+    c.evaluate.batch_size = 16
+    c.evaluate.temperature = 0.0
+    c.evaluate.top_p = 1.0
+    c.evaluate.use_ssi = True
+    c.evaluate.compare_base = True
+    c.evaluate.language_check = True
+    c.evaluate.max_prompts = 0  # per set; 0 = all
+    return c
+
+
+def stages_of(config) -> list[str]:
+    names = [s.strip() for s in str(config.stages).split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise ValueError(f"config.stages: unknown stage(s) {unknown} (known: {list(STAGES)})")
+    return [s for s in STAGES if s in names]
