@@ -29,9 +29,7 @@ def extract_features(lm: LanguageModel, texts: Sequence[str], layers: Sequence[i
     if not texts:
         return np.zeros((len(layers), 0, lm.cfg.hidden_size), np.float32)
     # Tokenising twice (once for lengths) is cheap next to the forward pass.
-    token_counts = [int(lm.encode([t], chat_template=chat_template, pad_to_multiple=1,
-                                  batch_multiple=1)[1].sum()) for t in texts]
-    order = np.argsort(token_counts, kind="stable")
+    order = np.argsort([len(x) for x in lm.token_ids(texts, chat_template=chat_template)], kind="stable")
     out = np.zeros((len(layers), len(texts), lm.cfg.hidden_size), np.float32)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc="features", disable=not progress, leave=False):

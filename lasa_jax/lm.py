@@ -101,23 +101,27 @@ class LanguageModel:
 
     # ---------------------------------------------------------------- tokenising
     def encode(self, texts: Sequence[str], *, padding_side: str = "right", chat_template: bool = False,
-               pad_to_multiple: int = 16, batch_multiple: int | None = None,
+               pad_to_multiple: int | None = None, batch_multiple: int | None = None,
                max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Tokenise raw prompts (the tokenizer's own special tokens kept, e.g. LLaMA's BOS) or
-        chat-templated prompts; pad to a length bucket so jit compiles few shapes."""
-        if self.tokenizer is None:
-            raise ValueError("this model was loaded without a tokenizer")
-        if chat_template:
-            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}],
-                                                        tokenize=False, add_generation_prompt=True)
-                     for t in texts]
-            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        else:
-            ids = [self.tokenizer(t)["input_ids"] for t in texts]
+        chat-templated prompts. Lengths are padded to a power-of-two bucket (or a multiple of
+        ``pad_to_multiple``) so that jit compiles only a handful of shapes."""
+        ids = self.token_ids(texts, chat_template=chat_template)
         if max_length is not None:  # keep the end: the last token is what the feature reads
             ids = [x[-max_length:] for x in ids]
         return pad_batch(ids, self.pad_id, padding_side=padding_side, pad_to_multiple=pad_to_multiple,
                          batch_multiple=batch_multiple or (shd.batch_multiple(self.mesh) if self.mesh else 1))
+
+    def token_ids(self, texts: Sequence[str], *, chat_template: bool = False) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise ValueError("this model was loaded without a tokenizer")
+        if chat_template:
+            # The template writes the special tokens itself (e.g. LLaMA's BOS).
+            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}],
+                                                        tokenize=False, add_generation_prompt=True)
+                     for t in texts]
+            return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return [self.tokenizer(t)["input_ids"] for t in texts]
 
     @property
     def pad_id(self) -> int:
@@ -176,15 +180,21 @@ class LanguageModel:
         return KVCache.empty(self.cfg, batch, slots, self.dtype)
 
 
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= n (at least ``minimum``)."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
 def pad_batch(ids: Sequence[Sequence[int]], pad_id: int, *, padding_side: str = "right",
-              pad_to_multiple: int = 16, batch_multiple: int = 1,
+              pad_to_multiple: int | None = None, batch_multiple: int = 1,
               length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pad token lists into (tokens, mask) arrays; extra all-pad rows round the batch up to
     ``batch_multiple`` (the data-parallel size) and are simply ignored by callers."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side={padding_side!r}; expected 'left' or 'right'")
     n = len(ids)
-    T = length or round_up(max(1, max((len(x) for x in ids), default=1)), pad_to_multiple)
+    longest = max(1, max((len(x) for x in ids), default=1))
+    T = length or (bucket_length(longest) if pad_to_multiple is None else round_up(longest, pad_to_multiple))
     B = round_up(max(n, 1), batch_multiple)
     tokens = np.full((B, T), pad_id, np.int32)
     mask = np.zeros((B, T), bool)
