@@ -28,6 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # local HF checkpoint directory
+    c.model.require_path = False  # True for real-model configs: an empty path is an error
+    c.model.paper_bottleneck = -1  # layer the LASA authors report for this model (reference only)
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "bfloat16"
     c.model.remat = "none"  # none | full | dots | dots_no_batch
@@ -93,6 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.align.keep_checkpoints = 2
     c.align.export = True
     c.align.export_dtype = ""  # "" = param dtype
+    c.align.async_checkpoints = True  # Orbax writes in the background; the step loop goes on
+    c.align.tensorboard = True  # align/tensorboard (tensorboardX), process 0 only
 
     c.evaluate = ml_collections.ConfigDict()
     c.evaluate.judge = "refusal"  # refusal | qwen3guard | llamaguard

@@ -60,7 +60,12 @@ class Run:
     def model_path(self) -> str:
         m = self.config.model
         if m.path:
+            if not os.path.isdir(m.path):
+                raise FileNotFoundError(f"config.model.path={m.path!r}: not a directory")
             return m.path
+        if m.require_path:
+            raise ValueError("config.model.path is empty: this config needs a local checkpoint "
+                             "directory, e.g. --config.model.path=/ckpt/Llama-3.1-8B-Instruct")
         from lasa_jax.tiny import make_tiny_checkpoint
         path = os.path.join(self.workdir, "tiny_model")
         if distributed.is_primary():
@@ -79,7 +84,7 @@ class Run:
             est = fitcheck.estimate(cfg, stage=stage, mesh_shape=dict(self.mesh.shape),
                                     param_dtype=m.param_dtype, compute_dtype=m.dtype,
                                     batch_size=self._batch_for(stage), seq_len=self._seq_for(stage),
-                                    remat=m.remat)
+                                    remat=m.remat, reference=self.config.align.reference)
             fitcheck.check_fit(est, device_bytes)
         expect = {k: v for k, v in m.expect.to_dict().items() if v is not None}
         return load_model(path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=self.mesh,
@@ -136,7 +141,8 @@ def run_bottleneck(run: Run) -> dict:
     if distributed.is_primary():
         bottleneck.write_outputs(out, report, feats, layers, qids, langs, extra={
             "config": json.loads(c.to_json_best_effort()), "model_fingerprint": lm.fingerprint,
-            "model_path": lm.path, "prompt_file": path})
+            "model_path": lm.path, "prompt_file": path,
+            "paper_bottleneck_layer": c.model.paper_bottleneck if c.model.paper_bottleneck >= 0 else None})
         print(bottleneck.format_table(report))
     log.info("bottleneck layer %d of %d", report["bottleneck_layer"], lm.cfg.num_layers)
     return report
