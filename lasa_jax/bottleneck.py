@@ -216,9 +216,12 @@ def layer_metrics(features, query_ids, languages) -> dict[str, np.ndarray]:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("num_queries", "num_languages", "distinct", "batch")
+    jax.jit,
+    static_argnames=("num_queries", "num_languages", "distinct", "batch", "unique_cells"),
 )
-def _weighted_diff_jit(features, q, lang, weights, num_queries, num_languages, distinct, batch):
+def _weighted_diff_jit(
+    features, q, lang, weights, num_queries, num_languages, distinct, batch, unique_cells
+):
     """diff per (layer, weight vector); weights[b, q] = how often query q was drawn.
 
     A resampled data set is the original one with query q repeated weights[q] times, so
@@ -239,7 +242,14 @@ def _weighted_diff_jit(features, q, lang, weights, num_queries, num_languages, d
     def one_layer(x):
         x = _normalise(x.astype(jnp.float32))
         sq = jnp.sum(x * x, axis=1)
-        _, cell_cos = _cluster_cos_sums(x, cell)
+        if unique_cells:
+            # One prompt per (query, language): the cell sums are a row gather, which
+            # saves the N x P x d one-hot matmul (P = Q * Lg ~ N).
+            rows = jnp.argmax(cell, axis=0)
+            sums = jnp.where(cell.sum(0)[:, None] > 0, x[rows], 0.0)
+            cell_cos = jnp.matmul(x, sums.T, precision=_HI)
+        else:
+            _, cell_cos = _cluster_cos_sums(x, cell)
         cell_cos = cell_cos.reshape(-1, nq, nl)
         # Semantic side: query clusters keep their members, only which queries exist and
         # the prompt weights change between draws.
@@ -306,6 +316,7 @@ def _weighted_diff(features, query_ids, languages, weights, *, duplicates="exclu
         feats, jnp.asarray(q), jnp.asarray(lang), jnp.asarray(weights),
         num_queries=len(q_names), num_languages=len(l_names),
         distinct=duplicates == "distinct", batch=batch,
+        unique_cells=bool(len(set(zip(q.tolist(), lang.tolist()))) == n),
     )
     return np.asarray(out).T
 
@@ -327,6 +338,9 @@ def bootstrap_diff(
         subset.
       - "distinct": the literal resample, each copy with its own query label and copies as
         ordinary points; equals sklearn on the explicitly resampled data.
+    A residual upward bias remains in either mode: a resample holds ~63 % of the distinct
+    queries, so the nearest other query (b of S_sem) is a min over fewer clusters. On
+    synthetic data with 10 queries it was ~+0.01 in diff (about one bootstrap s.d.).
     """
     if draws < 1:
         raise ValueError(f"draws: expected >= 1, got {draws}")

@@ -40,6 +40,25 @@ def _synthetic(semantic_layers=(5,), num_queries=24, num_languages=7, num_layers
     return np.stack(layers).astype(np.float32), [f"q{i}" for i in qid], list(lang)
 
 
+DRAWS = 100  # one bootstrap size throughout, so the jitted bootstrap compiles once
+
+
+@pytest.fixture(scope="module")
+def trap():
+    """24 queries x 7 languages x 9 layers; layer 5 semantic, layer 0 even more so."""
+    feats, qid, lang = _synthetic(semantic_layers=(5,), weights={0: 0.97})
+    report = bn.analyse(feats, list(range(9)), qid, lang, bootstrap_draws=DRAWS, seed=0)
+    return feats, qid, lang, report
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """24 queries x 7 languages x 9 layers; layer 5 semantic, all others language-dominated."""
+    feats, qid, lang = _synthetic(semantic_layers=(5,))
+    report = bn.analyse(feats, list(range(9)), qid, lang, bootstrap_draws=DRAWS, seed=0)
+    return feats, qid, lang, report
+
+
 # ----------------------------------------------------------------------------- silhouette
 
 
@@ -126,10 +145,9 @@ def test_layer_metrics_bad_input_messages():
 # ----------------------------------------------------------------------------- analyse
 
 
-def test_analyse_finds_the_semantic_layer_and_never_layer_0():
+def test_analyse_finds_the_semantic_layer_and_never_layer_0(trap):
     # Layer 0 is even more semantic than layer 5, and must still not be chosen.
-    feats, qid, lang = _synthetic(semantic_layers=(5,), weights={0: 0.97})
-    report = bn.analyse(feats, list(range(9)), qid, lang, bootstrap_draws=100, seed=1)
+    report = trap[3]
     diffs = [r["diff"] for r in report["layers"]]
     assert int(np.argmax(diffs)) == 0  # the trap is real
     assert report["bottleneck_layer"] == 5
@@ -162,24 +180,23 @@ def test_analyse_with_a_layer_subset_and_no_bootstrap():
 # ----------------------------------------------------------------------------- bootstrap
 
 
-def test_bootstrap_is_deterministic_and_ci_contains_point_estimate():
-    feats, qid, lang = _synthetic()
-    a = bn.bootstrap_diff(feats, qid, lang, draws=64, seed=7)
-    b = bn.bootstrap_diff(feats, qid, lang, draws=64, seed=7)
-    c = bn.bootstrap_diff(feats, qid, lang, draws=64, seed=8)
-    assert a.shape == (64, 9)
+def test_bootstrap_is_deterministic_and_ci_contains_point_estimate(plain):
+    feats, qid, lang, report = plain
+    a = bn.bootstrap_diff(feats, qid, lang, draws=DRAWS, seed=7)
+    b = bn.bootstrap_diff(feats, qid, lang, draws=DRAWS, seed=7)
+    c = bn.bootstrap_diff(feats, qid, lang, draws=DRAWS, seed=8)
+    assert a.shape == (DRAWS, 9)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-    report = bn.analyse(feats, list(range(9)), qid, lang, bootstrap_draws=200, seed=0)
     for r in report["layers"]:
         assert r["diff_ci_low"] <= r["diff"] <= r["diff_ci_high"], r
 
 
-def test_weighted_diff_with_unit_weights_is_the_point_estimate():
-    feats, qid, lang = _synthetic(num_queries=10, num_layers=3)
-    got = bn._weighted_diff(feats, qid, lang, np.ones((1, 10)))[0]
-    np.testing.assert_allclose(got, bn.layer_metrics(feats, qid, lang)["diff"],
-                               rtol=0, atol=TOL)
+def test_weighted_diff_with_unit_weights_is_the_point_estimate(plain):
+    feats, qid, lang, report = plain
+    got = bn._weighted_diff(feats, qid, lang, np.ones((DRAWS, 24)))  # DRAWS: no recompile
+    want = [r["diff"] for r in report["layers"]]
+    np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=0, atol=TOL)
 
 
 def _resample(feats_k, qid, lang, weights):
@@ -197,8 +214,18 @@ def _resample(feats_k, qid, lang, weights):
     return feats_k[rows].astype(np.float64), sem, lan, np.array(orig), np.array(copy)
 
 
-def test_weighted_diff_subset_and_distinct_copies_match_sklearn():
+def _paraphrased(lang):
+    """Give some queries two prompts in one language (non-unique (query, language) cells)."""
+    lang = list(lang)
+    lang[1], lang[6] = lang[0], lang[4]  # query 0 and query 1 (4 languages per query)
+    return lang
+
+
+@pytest.mark.parametrize("paraphrases", [False, True])
+def test_weighted_diff_subset_and_distinct_copies_match_sklearn(paraphrases):
     feats, qid, lang = _synthetic(num_queries=8, num_languages=4, num_layers=2, d=16, seed=5)
+    if paraphrases:
+        lang = _paraphrased(lang)
     subset = np.array([1, 0, 1, 1, 0, 1, 1, 0])       # 0/1 weights: a plain subset
     dup = np.array([2, 0, 1, 3, 0, 1, 0, 1])          # duplicates, 8 draws
     got = bn._weighted_diff(feats, qid, lang, np.stack([subset, dup]), duplicates="distinct")
@@ -234,8 +261,11 @@ def _exclude_reference(x, sem, lan, orig, copy):
     return np.mean(s_sem) - np.mean(s_lang)
 
 
-def test_weighted_diff_exclude_mode_matches_numpy_reference():
+@pytest.mark.parametrize("paraphrases", [False, True])
+def test_weighted_diff_exclude_mode_matches_numpy_reference(paraphrases):
     feats, qid, lang = _synthetic(num_queries=8, num_languages=4, num_layers=2, d=16, seed=6)
+    if paraphrases:
+        lang = _paraphrased(lang)
     dup = np.array([2, 0, 1, 3, 0, 1, 0, 1])
     got = bn._weighted_diff(feats, qid, lang, dup[None], duplicates="exclude")[0]
     for k in range(2):
@@ -246,10 +276,9 @@ def test_weighted_diff_exclude_mode_matches_numpy_reference():
 # ----------------------------------------------------------------------------- outputs
 
 
-def test_write_outputs_figures_and_report(tmp_path):
-    feats, qid, lang = _synthetic(num_queries=10, num_languages=4)
+def test_write_outputs_figures_and_report(tmp_path, plain):
+    feats, qid, lang, report = plain
     layers = list(range(9))
-    report = bn.analyse(feats, layers, qid, lang, bootstrap_draws=20)
     paths = bn.write_outputs(tmp_path / "out", report, feats, layers, qid, lang,
                              extra={"config": {"model": "tiny"}, "fingerprint": "abc"})
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
