@@ -90,7 +90,10 @@ def _as_config(cfg: Any) -> ml_collections.ConfigDict:
             continue
         if key not in out:
             raise SSIError(f"ssi config: unknown field {key!r} (known: {', '.join(sorted(out))})")
-        out[key] = tuple(value) if key == "train_languages" else value
+        try:
+            out[key] = tuple(value) if key == "train_languages" else value
+        except TypeError as e:  # ConfigDict refuses type changes, e.g. a string for a float
+            raise SSIError(f"ssi config: field {key!r}: {e}") from None
     if out.criterion not in CRITERIA:
         raise SSIError(f"ssi config: criterion {out.criterion!r} not in {CRITERIA}")
     if not 0.0 < out.val_fraction < 1.0:
@@ -644,17 +647,19 @@ def plot_per_language(report: Mapping[str, Any], path: str) -> None:
             v = per[lang][metric]
             ax.bar(i + (j - 1) * width, 0.0 if v is None else v, width, color=colors[metric],
                    hatch=None if per[lang]["seen"] else "//", edgecolor="black", linewidth=0.4)
+            if v is None:  # no harmful (TPR) or no benign (FPR) items: say so, not a zero bar
+                ax.text(i + (j - 1) * width, 0.02, "n/a", rotation=90, ha="center", fontsize=7)
     for i, lang in enumerate(langs):
         if not per[lang]["seen"]:
             ax.axvspan(i - 0.5, i + 0.5, color="0.92", zorder=0)
     ax.set_xticks(range(len(langs)))
     ax.set_xticklabels([l if per[l]["seen"] else f"{l}\n(held-out)" for l in langs])
     ax.set_xlabel("language")
-    ax.set_ylabel("rate")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("rate (accuracy, TPR, FPR)")
+    ax.set_ylim(0, 1.2)  # headroom so the legend sits above the bars
     ax.set_title(f"SSI at layer {report['layer']}, threshold {report['threshold']:.2f}")
     handles = [Patch(color=c, label=m.upper() if m != "accuracy" else "accuracy") for m, c in colors.items()]
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="held-out language"))
-    ax.legend(handles=handles, loc="upper right", fontsize=8, ncol=2)
+    ax.legend(handles=handles, loc="upper center", fontsize=8, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -115,6 +115,8 @@ def test_config_fields_and_validation():
         ssi._as_config(bad)
     with pytest.raises(ssi.SSIError, match="criterion"):
         ssi._as_config({"criterion": "auc"})
+    with pytest.raises(ssi.SSIError, match="field 'learning_rate'"):
+        ssi._as_config({"learning_rate": "fast"})
 
 
 def test_split_is_stratified_and_holds_out_other_languages():
