@@ -1,0 +1,150 @@
+"""KV-cache generation against transformers' ``generate`` and against uncached recomputation.
+
+All in float32 on CPU. Token-level comparisons are exact (greedy argmax on logits that agree to
+~1e-6); the sampling-distribution check uses a 5-sigma binomial bound per token.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from lasa_jax.generate import _select_tokens, generate
+from lasa_jax.lm import load_model
+from tests.hf_models import make_hf_model, save_hf_model
+
+NEW = 64
+LENGTHS = (17, 5, 40)  # deliberately unsorted: results must come back in input order
+
+
+@functools.lru_cache(maxsize=None)
+def _checkpoint(variant, directory):
+    hf = make_hf_model(variant)
+    save_hf_model(hf, directory)
+    return hf, load_model(directory, tokenizer=False)
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gen")
+
+
+def _models(variant, ckpt_dir):
+    return _checkpoint(variant, str(ckpt_dir / variant))
+
+
+def _prompts(seed=0, vocab=512):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, n).tolist() for n in LENGTHS]
+
+
+def _hf_generate(hf, prompts, eos=None, new=NEW):
+    """transformers greedy generate on a left-padded batch; new tokens per row, cut after eos."""
+    T = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                          eos_token_id=eos, pad_token_id=0)[:, T:].tolist()
+    if eos is not None:  # transformers pads finished rows; keep up to and including the eos
+        out = [row[:row.index(eos) + 1] if eos in row else row for row in out]
+    return out
+
+
+@pytest.mark.parametrize("variant", ["llama3_f8", "qwen2", "qwen3"])
+def test_greedy_matches_transformers_generate(variant, ckpt_dir):
+    hf, lm = _models(variant, ckpt_dir)
+    prompts = _prompts()
+    hf.generation_config.eos_token_id = None  # no stopping: compare all 64 tokens of every row
+    ours = generate(lm, prompts, max_new_tokens=NEW, eos_ids=[], progress=False)
+    ref = _hf_generate(hf, prompts)
+    assert [len(r) for r in ours] == [NEW] * 3
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert a == b, f"{variant} row {i}: first difference at step {next(j for j in range(NEW) if a[j] != b[j])}"
+
+
+def test_eos_stops_each_row_like_transformers(ckpt_dir):
+    hf, lm = _models("llama3_f8", ckpt_dir)
+    prompts = _prompts()
+    full = generate(lm, prompts, max_new_tokens=NEW, eos_ids=[], progress=False)
+    eos = full[0][5]  # a token row 0 emits early; other rows may or may not emit it
+    ours = generate(lm, prompts, max_new_tokens=NEW, eos_ids=[eos], progress=False)
+    ref = _hf_generate(hf, prompts, eos=eos)
+    assert ours == ref
+    assert ours[0][-1] == eos and len(ours[0]) <= 6  # the EOS is kept, nothing after it
+    # With every row stopping at step 0 the loop exits at once and returns one token each.
+    firsts = sorted({r[0] for r in full})
+    assert generate(lm, prompts, max_new_tokens=NEW, eos_ids=firsts, progress=False) == [[r[0]] for r in full]
+
+
+def test_cached_decoding_equals_uncached_recomputation(ckpt_dir):
+    _, lm = _models("qwen2", ckpt_dir)
+    prompts, steps = _prompts(seed=3), NEW
+    ours = generate(lm, prompts, max_new_tokens=steps, eos_ids=[], progress=False)
+
+    # Reference: at each step run the full forward, no cache, over one fixed-length layout
+    # [left pad | prompt | tokens so far | right pad] (mixed padding, real tokens masked in).
+    T = max(map(len, prompts))
+    L = T + steps
+    tokens = np.zeros((3, L), np.int32)
+    mask = np.zeros((3, L), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, T - len(p):T], mask[i, T - len(p):T] = p, True
+    forward = jax.jit(lambda t, m: lm.module.apply({"params": lm.params}, t, m).logits)
+    for s in range(steps):
+        logits = np.asarray(forward(tokens, mask))[:, T + s - 1]
+        tokens[:, T + s], mask[:, T + s] = logits.argmax(-1), True
+    assert ours == tokens[:, T:].tolist()
+
+
+def test_sampling_is_keyed_and_top_p_to_zero_is_greedy(ckpt_dir):
+    _, lm = _models("llama3_f8", ckpt_dir)
+    prompts, new = _prompts(seed=5), NEW
+    run = lambda key, top_p=0.9: generate(lm, prompts, max_new_tokens=new, temperature=1.5,
+                                          top_p=top_p, key=key, eos_ids=[], progress=False)
+    a, b, c = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
+    assert a == b
+    assert a != c
+    greedy = generate(lm, prompts, max_new_tokens=new, eos_ids=[], progress=False)
+    assert run(jax.random.key(1), top_p=1e-9) == greedy
+    # A prompt's sample depends on its index, not on its batch-mates or its row in the batch
+    # (an extra, shorter prompt changes both for the first three).
+    more = generate(lm, prompts + [[7, 8]], max_new_tokens=new, temperature=1.5, top_p=0.9,
+                    key=jax.random.key(1), eos_ids=[], progress=False)
+    assert more[:3] == a
+
+
+def test_top_p_sampling_distribution_matches_numpy_nucleus():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=12).astype(np.float32) * 2
+    temperature, top_p, n = 0.8, 0.7, 20000
+    # NumPy reference (transformers' order: temperature, then the smallest set of most likely
+    # tokens whose mass reaches top_p, renormalised).
+    p = np.exp(logits / temperature - (logits / temperature).max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = order[: np.searchsorted(np.cumsum(p[order]), top_p) + 1]
+    q = np.zeros_like(p)
+    q[keep] = p[keep] / p[keep].sum()
+
+    keys = jax.random.split(jax.random.key(0), n)
+    rows = jnp.broadcast_to(jnp.asarray(logits), (n, logits.size))
+    draw = jax.jit(_select_tokens)(rows, keys, True, jnp.float32(temperature), jnp.float32(top_p))
+    counts = np.bincount(np.asarray(draw), minlength=logits.size)
+    assert set(np.flatnonzero(counts)) == set(keep.tolist())
+    sigma = np.sqrt(n * q * (1 - q))
+    np.testing.assert_array_less(np.abs(counts - n * q), 5 * sigma + 1e-9)
+
+
+def test_bad_input_is_a_clear_error(ckpt_dir):
+    _, lm = _models("llama3_f8", ckpt_dir)
+    with pytest.raises(ValueError, match="prompt 1 has no tokens"):
+        generate(lm, [[1, 2], []], progress=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(lm, [[1, 99999]], progress=False)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(lm, [[1]], top_p=1.5, progress=False)
