@@ -1,0 +1,124 @@
+"""Stage wiring on the tiny default: feature invariances, bottleneck -> ssi end to end, CLI errors.
+
+dtype float32 throughout; feature tolerance 1e-5 absolute."""
+import json
+import os
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from lasa_jax import ssi
+from lasa_jax.config import base_config
+from lasa_jax.data.readers import FIXTURES_DIR, read_prompts
+from lasa_jax.features import extract_features
+from lasa_jax.lm import load_model
+from lasa_jax.pipeline import Run, run
+from lasa_jax.tiny import make_tiny_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "model"), family="qwen2",
+                                hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                                intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    prompts = read_prompts(os.path.join(FIXTURES_DIR, "ssi_prompts.json"))
+    return [p.text for p in prompts[::23]]  # a spread of languages and lengths
+
+
+def test_features_identical_under_padding_side_and_batch_composition(tiny, texts):
+    lm = load_model(tiny)
+    right = extract_features(lm, texts, batch_size=8, padding_side="right", progress=False)
+    left = extract_features(lm, texts, batch_size=8, padding_side="left", progress=False)
+    one = extract_features(lm, texts, batch_size=1, progress=False)
+    perm = np.random.default_rng(0).permutation(len(texts))
+    shuffled = extract_features(lm, [texts[i] for i in perm], batch_size=5, padding_side="left",
+                                progress=False)
+    np.testing.assert_allclose(left, right, atol=TOL, rtol=0)
+    np.testing.assert_allclose(one, right, atol=TOL, rtol=0)
+    np.testing.assert_allclose(shuffled, right[:, perm], atol=TOL, rtol=0)
+    assert right.shape == (lm.cfg.num_layers + 1, len(texts), lm.cfg.hidden_size)
+
+
+def _config(workdir, model_path, **kw):
+    c = base_config()
+    c.workdir = str(workdir)
+    c.model.path = model_path
+    c.model.dtype = c.model.param_dtype = "float32"
+    c.bottleneck.bootstrap_draws = 50
+    c.bottleneck.max_queries = 8
+    c.ssi.max_epochs = 3
+    c.progress = False
+    c.stages = "bottleneck,ssi"
+    for k, v in kw.items():
+        section, field = k.split("__")
+        setattr(getattr(c, section), field, v)
+    c.lock()
+    return c
+
+
+def test_bottleneck_then_ssi_end_to_end(tiny, texts, tmp_path):
+    config = _config(tmp_path / "run", tiny)
+    run(config)
+    out = tmp_path / "run"
+    report = json.loads((out / "bottleneck" / "report.json").read_text())
+    assert 1 <= report["bottleneck_layer"] <= 3
+    assert [e["layer"] for e in report["layers"]] == [0, 1, 2, 3]
+    for e in report["layers"]:
+        assert abs(e["diff"] - (e["s_sem"] - e["s_lang"])) < 1e-6  # float32 silhouettes
+    assert report["num_queries"] == 8 and report["num_languages"] == 10
+    assert report["model_fingerprint"] == load_model(tiny).fingerprint
+    for png in ("silhouette.png", "projection.png"):
+        img = matplotlib.image.imread(out / "bottleneck" / png)
+        assert img.shape[0] > 200 and img.shape[1] > 200 and img.std() > 0.01
+
+    ssi_report = json.loads((out / "ssi" / "report.json").read_text())
+    assert ssi_report["layer"] == report["bottleneck_layer"]
+    assert 0.30 <= ssi_report["threshold"] <= 0.70
+    assert set(ssi_report["per_language"]) >= {"en", "zh", "ko", "sw", "jv"}
+    assert (out / "ssi" / "per_language.png").exists()
+
+    # Scoring API: the artifact on the same model; batched == one-by-one, left or right padding.
+    lm = load_model(tiny)
+    art = ssi.load_artifact(str(out / "ssi"), model_fingerprint=lm.fingerprint,
+                            hidden_size=lm.cfg.hidden_size, num_layers=lm.cfg.num_layers)
+    batched = {side: art.probs(extract_features(lm, texts, [art.layer], batch_size=8, padding_side=side,
+                                                progress=False)[0]) for side in ("left", "right")}
+    single = np.array([art.probs(extract_features(lm, [t], [art.layer], progress=False)[0])[0] for t in texts])
+    np.testing.assert_allclose(batched["left"], single, atol=TOL, rtol=0)
+    np.testing.assert_allclose(batched["right"], single, atol=TOL, rtol=0)
+
+    # Rerunning reuses the feature cache (same weights, prompts, layers).
+    cached = sorted(os.listdir(out / "cache"))
+    run(config)
+    assert sorted(os.listdir(out / "cache")) == cached
+
+
+def test_ssi_layer_out_of_range_is_one_line(tiny, tmp_path):
+    config = _config(tmp_path / "run", tiny, ssi__layer=7)
+    config.unlock()
+    config.stages = "ssi"
+    with pytest.raises(ValueError, match=r"layer\(s\) \[7\] out of range: this model has layers 0..3"):
+        run(config)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config.model.nope=1"], "bad --config override"),
+    (["--config.stages=bottleneck", "--config.data.parallel_prompts=/nonexistent.csv"], "/nonexistent.csv: data file not found"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, needle):
+    proc = subprocess.run([sys.executable, "-m", "lasa_jax.main", "--config=configs/tiny.py",
+                           f"--config.workdir={tmp_path}", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and needle in last
