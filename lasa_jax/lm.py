@@ -67,8 +67,9 @@ class LanguageModel:
                  remat: str = "none", attention_impl: str | None = None):
         self.cfg, self.params, self.tokenizer, self.path, self.mesh = cfg, params, tokenizer, path, mesh
         self.dtype, self.param_dtype = as_dtype(dtype), as_dtype(param_dtype)
+        act = shd.activation_sharding(mesh) if mesh is not None else None
         self.module = Transformer(cfg, dtype=self.dtype, param_dtype=self.param_dtype, remat=remat,
-                                  attention_impl=attention_impl)
+                                  attention_impl=attention_impl, activation_sharding=act)
 
     # ---------------------------------------------------------------- construction
     @classmethod

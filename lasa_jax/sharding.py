@@ -138,6 +138,11 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def activation_sharding(mesh: Mesh) -> NamedSharding:
+    """(batch, length, embed) activations: rows over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, logical_spec(("batch", "length", "norm"), (batch_multiple(mesh), 1, 1), mesh))
+
+
 def batch_multiple(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 

@@ -124,6 +124,12 @@ class MLP(nn.Module):
         return h @ down.astype(dt)
 
 
+def constrain(x, sharding):
+    """Pin activations to the batch sharding (rows over data x fsdp). Without it the partitioner
+    may choose to gather the batch instead of the FSDP-sharded weights."""
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 class Block(nn.Module):
     """One decoder block, written as a scan body: (carry, per-layer inputs) -> (carry, outputs)."""
     cfg: ModelConfig
@@ -131,6 +137,7 @@ class Block(nn.Module):
     param_dtype: Any
     capture: str = "none"
     attention_impl: str | None = None
+    activation_sharding: Any = None
 
     @nn.compact
     def __call__(self, x, positions, q_slots, key_valid, last_index, cache_index, cache_kv):
@@ -141,6 +148,7 @@ class Block(nn.Module):
                                                    key_valid, cache_kv, cache_index)
         h = x + attn
         out = h + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(h))
+        out = constrain(out, self.activation_sharding)
         if self.capture == "last":
             captured = jnp.take_along_axis(out, last_index[:, None, None], axis=1)[:, 0]
         elif self.capture == "full":
@@ -163,6 +171,8 @@ class Transformer(nn.Module):
     param_dtype: Any = jnp.float32
     remat: str = "none"
     attention_impl: str | None = None
+    # NamedSharding for (batch, length, embed) activations; None = let XLA decide (one device).
+    activation_sharding: Any = None
 
     @nn.compact
     def __call__(self, tokens, attention_mask=None, positions=None, *, capture: str = "none",
@@ -198,7 +208,7 @@ class Transformer(nn.Module):
             cache_kv = (cache.k, cache.v)
 
         embed = self.param("embed_tokens", _init, (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
-        x = x_embed = jnp.take(embed, tokens, axis=0).astype(self.dtype)
+        x = x_embed = constrain(jnp.take(embed, tokens, axis=0).astype(self.dtype), self.activation_sharding)
 
         block = Block
         if self.remat != "none":
@@ -208,7 +218,7 @@ class Transformer(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers)
         x, (new_kv, captured) = layers(cfg, self.dtype, self.param_dtype, capture,
-                                       self.attention_impl, name="layers")(
+                                       self.attention_impl, self.activation_sharding, name="layers")(
             x, positions, q_slots, key_valid, last_index, cache_index, cache_kv)
 
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")
