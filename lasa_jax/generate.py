@@ -87,13 +87,13 @@ def _select_tokens(logits, keys, sample, temperature, top_p):
     return jax.lax.cond(sample, sampled, greedy, logits)
 
 
-def _build_generate_fn(lm: LanguageModel):
-    module, cfg = lm.module, lm.cfg
+def _build_generate_fn(module):
+    cfg, dtype = module.cfg, module.dtype
 
     def fn(params, tokens, mask, row_valid, row_ids, key, sample, temperature, top_p, eos, pad_id,
            *, max_new_tokens: int):
         B, T = tokens.shape
-        cache = KVCache.empty(cfg, B, T + max_new_tokens, lm.dtype)
+        cache = KVCache.empty(cfg, B, T + max_new_tokens, dtype)
         if T > 1:
             # The last prompt column is fed by the first loop step, which yields the logits of
             # the first new token; the prefill itself needs no logits (a (B, T, V) array).
@@ -124,12 +124,15 @@ def _build_generate_fn(lm: LanguageModel):
     return jax.jit(fn, static_argnames=("max_new_tokens",))
 
 
+_GENERATE_FNS: dict = {}
+
+
 def _generate_fn(lm: LanguageModel):
-    # Kept on the instance (shared with ``with_params`` copies: params are an argument).
-    fns = lm.__dict__.setdefault("_lasa_generate_fns", {})
-    if "fn" not in fns:
-        fns["fn"] = _build_generate_fn(lm)
-    return fns["fn"]
+    # One jitted function per distinct module (architecture, dtypes, attention), shared by
+    # models that differ only in weights (base and aligned), so they share compilations.
+    if lm.module not in _GENERATE_FNS:
+        _GENERATE_FNS[lm.module] = _build_generate_fn(lm.module)
+    return _GENERATE_FNS[lm.module]
 
 
 def _to_host(x) -> np.ndarray:
@@ -141,7 +144,7 @@ def _to_host(x) -> np.ndarray:
 
 def generate(lm: LanguageModel, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, key: jax.Array | None = None,
-             eos_ids: Sequence[int] | None = None, batch_size: int = 16, pad_to_multiple: int = 32,
+             eos_ids: Sequence[int] | None = None, batch_size: int = 16, pad_to_multiple: int = 64,
              progress: bool = True) -> list[list[int]]:
     """New token ids for each prompt (in input order), each cut after its first EOS id (kept).
 

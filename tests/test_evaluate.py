@@ -94,7 +94,7 @@ def test_ssi_gating_follows_the_artifact(tiny, tmp_path):
             feats.append(out.hidden_states[LAYER][0, -1].numpy())
     ref, tau = _random_artifact(lm, str(tmp_path / "ssi"), np.stack(feats))
     artifact = ev.load_ssi_for(lm, str(tmp_path / "ssi"))
-    recs = ev.respond(lm, PROMPTS, LANGS, artifact, max_new_tokens=4, batch_size=8, progress=False)
+    recs = ev.respond(lm, PROMPTS, LANGS, artifact, max_new_tokens=8, batch_size=8, progress=False)
     probs = np.array([r["ssi_prob"] for r in recs])
     np.testing.assert_allclose(probs, ref, atol=1e-4, rtol=0)
     expected = ref > tau
@@ -102,7 +102,7 @@ def test_ssi_gating_follows_the_artifact(tiny, tmp_path):
     assert [r["ssi_flagged"] for r in recs] == expected.tolist()
     assert [r["prefix_used"] for r in recs] == expected.tolist()
     assert all(REFUSAL_PREFIX not in r["response"] for r in recs)  # the judge sees only generated text
-    plain = ev.respond(lm, PROMPTS, LANGS, None, max_new_tokens=4, batch_size=8, progress=False)
+    plain = ev.respond(lm, PROMPTS, LANGS, None, max_new_tokens=8, batch_size=8, progress=False)
     assert all(r["ssi_flagged"] is None and r["ssi_prob"] is None and not r["prefix_used"] for r in plain)
     # Unflagged prompts see the same input with and without the SSI, hence the same greedy text.
     for g, p, f in zip(recs, plain, expected):
