@@ -1,6 +1,7 @@
 """All-layer last-token feature extraction: lasa_jax against transformers, same model, same batch.
 
     PYTHONPATH=. python bench/features.py [--batch 16] [--min-len 64] [--max-len 256] [--repeats 1]
+                                          [--breakdown]
 
 Model: a random LLaMA-shaped checkpoint (~60M parameters: hidden 512, 8 layers, 8 heads / 4 KV
 heads, MLP 1536, vocab 32000) written locally with ``save_pretrained`` and loaded by both sides
@@ -89,12 +90,54 @@ def timed(fns: dict, repeats: int) -> dict:
     return out
 
 
+def breakdown(cfg: dict, B: int, T: int, repeats: int = 3) -> None:
+    """Where a forward's time goes: one layer's components at the bench shapes, XLA vs torch,
+    best of ``repeats`` (random weights; the same ops both models run)."""
+    import jax.numpy as jnp
+    d, f, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = d // H
+    rng = np.random.default_rng(0)
+    r = lambda *s: rng.standard_normal(s, dtype=np.float32) * 0.02
+    x, wg, wu, wd, wp, wh = r(B * T, d), r(d, f), r(d, f), r(f, d), r(d, 2 * d + 2 * KV * hd), r(d, V)
+    q, k = r(B, T, H, hd), r(B, T, KV, hd)
+    mask = np.broadcast_to(np.tril(np.ones((T, T), bool)), (B, 1, T, T))
+    jx, jq, jk, jm = map(jnp.asarray, (x, q, k, mask))
+    tx, twg, twu, twd, twp, twh = map(torch.from_numpy, (x, wg, wu, wd, wp, wh))
+    # HF's sdpa path repeats the KV heads, then calls torch's SDPA in (B, H, T, hd) layout.
+    tq = torch.from_numpy(q).transpose(1, 2)
+    tk = torch.from_numpy(k).transpose(1, 2).repeat_interleave(H // KV, dim=1)
+    tm = torch.from_numpy(np.ascontiguousarray(mask))
+    def jit(fn):
+        compiled = jax.jit(fn)
+        return lambda *a: compiled(*a).block_until_ready()
+    rows = [
+        ("MLP gate/up/down", 6 * B * T * d * f, jit(lambda x: (jax.nn.silu(x @ wg) * (x @ wu)) @ wd), (jx,),
+         lambda: (torch.nn.functional.silu(tx @ twg) * (tx @ twu)) @ twd),
+        ("q/k/v/o projections", 2 * B * T * d * (2 * d + 2 * KV * hd), jit(lambda x: x @ wp), (jx,),
+         lambda: tx @ twp),
+        (f"masked attention T={T}", 4 * B * T * T * d,
+         jit(lambda q, k, m: jax.nn.dot_product_attention(q, k, k, mask=m)), (jq, jk, jm),
+         lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tk, attn_mask=tm)),
+        ("LM head (HF path only)", 2 * B * T * d * V, jit(lambda x: x @ wh), (jx,), lambda: tx @ twh),
+    ]
+    print(f"\nper-layer components, best of {repeats} ({B * T} positions):")
+    print(f"{'':<26} {'GFLOP':>6} {'XLA s':>7} {'torch s':>8} {'XLA GF/s':>9} {'torch GF/s':>10}")
+    with torch.inference_mode():
+        for name, fl, jf, args, tf in rows:
+            tj = timed({"j": lambda: jf(*args)}, repeats)["j"][1]
+            tt = timed({"t": tf}, repeats)["t"][1]
+            print(f"{name:<26} {fl / 1e9:>6.1f} {tj:>7.3f} {tt:>8.3f} {fl / 1e9 / tj:>9.1f} {fl / 1e9 / tt:>10.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--min-len", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs after warm-up (best is kept)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time one layer's components (MLP, projections, attention, LM head)")
     args = ap.parse_args()
 
     # XLA's CPU backend runs its intra-op pool on every core this process may use.
@@ -136,6 +179,8 @@ def main():
     print(f"speed-up vs base model, no LM head:   "
           f"{res['transformers base model (no LM head)'][1] / ours_t:.2f}x")
     print(f"max |ours - transformers| over all {len(ours)} layers: {err:.2e} (float32)")
+    if args.breakdown:
+        breakdown(MODEL, B, T, max(3, args.repeats))
 
 
 if __name__ == "__main__":
