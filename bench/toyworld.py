@@ -1,0 +1,65 @@
+"""The toy world end to end for several seeds: world + checkpoint + the four stages + the baseline.
+
+    PYTHONPATH=. python bench/toyworld.py [--seeds 0,1,2] [--root runs/bench_toyworld] [--rebuild]
+
+For each seed s: build the world and checkpoint from seed s (skipped when
+ROOT/seed{s}/model exists, unless --rebuild), then run lasa_jax.toyworld.experiment with run
+seed s. Prints, per seed, the layer-wise S_sem - S_lang curve, the bottleneck's relative depth and
+the per-language ASR of base / baseline / LASA; then tier means across seeds. Writes
+ROOT/summary.json. On 2 shared CPU cores one seed takes roughly 15-25 minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+from lasa_jax.toyworld import experiment, world
+from lasa_jax.toyworld.build import BuildConfig, build
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--root", default="runs/bench_toyworld")
+    p.add_argument("--rebuild", action="store_true")
+    a = p.parse_args(argv)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    reports = {}
+    for s in seeds:
+        model = os.path.join(a.root, f"seed{s}", "model")
+        t0 = time.time()
+        if a.rebuild or not os.path.exists(os.path.join(model, "config.json")):
+            build(model, BuildConfig(seed=s))
+        build_s = time.time() - t0
+        rep = experiment.run_experiment(model, os.path.join(a.root, f"seed{s}", "run"), seed=s)
+        rep["seconds"]["build"] = round(build_s, 1)
+        reports[s] = rep
+        print(f"\n## seed {s}\n")
+        print(experiment.format_report(rep))
+        print(f"seconds: {rep['seconds']}", flush=True)
+
+    print("\n## across seeds\n")
+    depths = [r["bottleneck"]["relative_depth"] for r in reports.values()]
+    print("bottleneck relative depth per seed: " + ", ".join(f"{d:.2f}" for d in depths))
+    print("\n| model | metric | " + " | ".join(world.TIERS) + " |\n|---|---|" + "---|" * len(world.TIERS))
+    summary = {"seeds": seeds, "relative_depth": depths, "tiers": {}}
+    for m in experiment.MODELS:
+        for metric in ("asr", "benign_refusal_rate"):
+            cells = []
+            for t in world.TIERS:
+                vals = [experiment.tier_mean(r["per_language"][m], metric, t) for r in reports.values()]
+                vals = [v for v in vals if v is not None]
+                mean = statistics.mean(vals) if vals else None
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                summary["tiers"].setdefault(m, {}).setdefault(metric, {})[t] = {"mean": mean, "sd": sd, "per_seed": vals}
+                cells.append("-" if mean is None else f"{100 * mean:.0f} ± {100 * sd:.0f}")
+            print(f"| {m} | {metric} (%) | " + " | ".join(cells) + " |")
+    with open(os.path.join(a.root, "summary.json"), "w") as f:
+        json.dump({"summary": summary, "reports": {str(k): v for k, v in reports.items()}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Regenerate the toy world and its checkpoint from a seed.
+
+    python -m lasa_jax.toyworld.build --out lasa_jax/assets/toy_model --seed 0
+
+Writes an HF checkpoint directory (config.json, safetensors, word-level tokenizer with chat
+template, generation_config.json) plus `toyworld.json` (the seed, the sizes, the training losses)
+and the LASA data files under `data/` (see `export.write_data_files`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+
+from lasa_jax.tiny import tiny_model_config
+from lasa_jax.toyworld import world
+from lasa_jax.toyworld.tokenizer import build_word_tokenizer, words_of
+from lasa_jax.toyworld.train import TrainConfig, encode_chats, encode_documents, init_params, train
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    seed: int = 0
+    hidden_size: int = 64
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 192
+    pretrain_docs: int = 40000
+    pretrain: TrainConfig = TrainConfig(steps=1500, batch_size=32, learning_rate=3e-3, warmup_steps=100)
+    sft_examples: int = 6000
+    sft: TrainConfig = TrainConfig(steps=400, batch_size=32, learning_rate=1e-3, warmup_steps=20)
+    seq_len_pretrain: int = 32
+    seq_len_sft: int = 48
+
+
+def world_tokenizer(seed: int):
+    langs = world.make_languages(seed)
+    words = set().union(*(world.language_tokens(l) for l in langs.values()))
+    return build_word_tokenizer(words | words_of(world.extra_texts()) | {".", "="})
+
+
+def build(out: str, cfg: BuildConfig = BuildConfig(), *, log_every: int = 200, save_dtype=np.float32,
+          measure_sft: bool = True) -> dict:
+    from lasa_jax.models.checkpoint import save_params
+    from lasa_jax.models.config import to_hf_dict
+    from lasa_jax.toyworld.export import write_data_files
+
+    t0 = time.time()
+    tok = world_tokenizer(cfg.seed)
+    model_cfg = tiny_model_config("llama", len(tok), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                                  num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                                  intermediate_size=cfg.intermediate_size)
+    docs = world.pretraining_corpus(cfg.seed, cfg.pretrain_docs)
+    x, m = encode_documents(tok, docs, cfg.seq_len_pretrain)
+    params = init_params(model_cfg, cfg.seed)
+    params, pre_losses = train(model_cfg, params, x, m, cfg.pretrain, seed=cfg.seed, log_every=log_every, name="pretrain")
+    t_pre = time.time() - t0
+    sft = world.sft_examples(cfg.seed, cfg.sft_examples)
+    x, m = encode_chats(tok, sft, cfg.seq_len_sft)
+    params, sft_losses = train(model_cfg, params, x, m, cfg.sft, seed=cfg.seed + 1, log_every=log_every, name="sft")
+
+    measured = measure(model_cfg, params, tok, cfg.seed) if measure_sft else None
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf = to_hf_dict(model_cfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id)
+    save_params(params, model_cfg, tmp, hf_config=hf, dtype=save_dtype)
+    tok.save_pretrained(tmp)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                   "pad_token_id": tok.pad_token_id, "do_sample": False}, f, indent=1)
+    write_data_files(os.path.join(tmp, "data"), cfg.seed)
+    info = {"seed": cfg.seed, "build_config": dataclasses.asdict(cfg), "vocab_size": len(tok),
+            "pretrain_loss_first_last": [pre_losses[0], float(np.mean(pre_losses[-50:]))],
+            "sft_loss_first_last": [sft_losses[0], float(np.mean(sft_losses[-50:]))],
+            "sft_model_per_language": measured,
+            "seconds": {"pretrain": round(t_pre, 1), "total": round(time.time() - t0, 1)}}
+    with open(os.path.join(tmp, "toyworld.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return info
+
+
+def measure(model_cfg, params, tok, seed: int) -> dict:
+    """Per-language judgement of the tuned model's greedy replies on the evaluation split."""
+    from lasa_jax.toyworld.export import eval_prompts
+    from lasa_jax.toyworld.judge import ToyJudge, summarize
+    from lasa_jax.toyworld.sample import greedy_replies
+    prompts = eval_prompts(seed)
+    replies = greedy_replies(model_cfg, params, tok, prompts)
+    judge = ToyJudge(seed)
+    return summarize(judge.judge(p, r) for p, r in zip(prompts, replies))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    info = build(a.out, BuildConfig(seed=a.seed))
+    print(json.dumps(info, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The run configuration of the toy world (configs/toy.py is a thin wrapper around it)."""
+from __future__ import annotations
+
+import os
+
+from lasa_jax.config import base_config
+
+TOY_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy_model")
+
+
+def toy_config(model_path: str = TOY_MODEL, workdir: str = "runs/toy"):
+    """All four stages on a toy checkpoint. Data files are the ones written next to the
+    checkpoint (`<model>/data/`). Stage-3 settings are scaled for a ~0.3M-parameter model
+    (lr 3e-4 rather than 1e-6, 2 epochs of 640 items) and were fixed before any
+    evaluation-language result was seen."""
+    c = base_config()
+    c.workdir = workdir
+    c.model.path = model_path
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    data = os.path.join(model_path, "data")
+    c.data.parallel_prompts = os.path.join(data, "parallel_prompts.json")
+    c.data.ssi_prompts = os.path.join(data, "ssi_prompts.json")
+    c.data.kto_pairs = os.path.join(data, "kto_pairs.json")
+    c.data.eval_harmful = os.path.join(data, "eval_harmful.csv")
+    c.data.eval_benign = os.path.join(data, "eval_benign.csv")
+    c.data.languages = "en,zh,it,vi,ar,ko,th,bn,sw,jv"
+    c.bottleneck.batch_size = 64
+    c.bottleneck.bootstrap_draws = 200
+    c.ssi.train_languages = ("en", "zh", "it", "vi")  # the high-resource tier
+    c.ssi.batch_size_features = 64
+    c.align.learning_rate = 3e-4
+    c.align.warmup_steps = 10
+    c.align.batch_size = 16
+    c.align.epochs = 2
+    c.align.max_length = 64
+    c.align.max_prompt_length = 48
+    c.align.checkpoint_every = 1000
+    c.evaluate.max_new_tokens = 24
+    c.evaluate.batch_size = 64
+    c.evaluate.language_check = False  # lingua knows no synthetic language
+    return c

@@ -1,0 +1,100 @@
+"""The toy world's LASA data files, in the formats the pipeline's readers accept.
+
+    parallel_prompts.json  stage 1: {id, texts: {lang: text}, harmful, source}; 2 queries per intent
+    ssi_prompts.json       stage 2: {prompt, language, source, idx, harmful}; every language (the
+                           SSI trains on the languages in config.ssi.train_languages and reports
+                           the others as held out)
+    kto_pairs.json         stage 3: {prompt, chosen, rejected, source, language, harmful, idx};
+                           high-resource languages only. safety: chosen = the language's refusal,
+                           rejected = the compliant answer; general: chosen = the answer,
+                           rejected = the refusal (an over-refusal is the dispreferred reply)
+    eval_harmful.csv       stage 4, MultiJail CSV layout (id, source, tags, en ... jv, harmful)
+    eval_benign.csv
+
+Stages 1-3 draw from the training split of slot combinations; the evaluation files from the
+evaluation split, whose sentences occur nowhere in pretraining, SFT, SSI or KTO data.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+
+from lasa_jax.toyworld import world
+
+SIZES = {"parallel_per_intent": 2, "ssi_per_class_per_language": 80, "kto_per_class_per_language": 40,
+         "eval_per_class": 24}
+
+
+def _by_class(queries, harmful):
+    return [q for q in queries if q.harmful == harmful]
+
+
+def write_data_files(out_dir: str, seed: int, sizes: dict | None = None) -> dict[str, str]:
+    s = {**SIZES, **(sizes or {})}
+    langs = world.make_languages(seed)
+    split = world.split_queries(seed)
+    rng = random.Random(f"toyworld-export-{seed}")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+
+    parallel = []
+    for v in world.VERBS:
+        for q in rng.sample([q for q in split["train"] if q.verb == v], s["parallel_per_intent"]):
+            parallel.append({"id": q.qid, "harmful": q.harmful, "source": "toyworld",
+                             "texts": {c: langs[c].request(q.verb, q.obj, q.person) for c in world.LANGUAGES}})
+    paths["parallel_prompts"] = _dump_json(out_dir, "parallel_prompts.json", parallel)
+
+    ssi = []
+    for c in world.LANGUAGES:
+        for harmful in (True, False):
+            for q in rng.sample(_by_class(split["train"], harmful), s["ssi_per_class_per_language"]):
+                ssi.append({"prompt": langs[c].request(q.verb, q.obj, q.person), "language": c,
+                            "source": "harmful" if harmful else "benign", "idx": q.qid, "harmful": harmful})
+    paths["ssi_prompts"] = _dump_json(out_dir, "ssi_prompts.json", ssi)
+
+    kto = []
+    for c in world.HIGH:
+        lang = langs[c]
+        for harmful in (True, False):
+            for q in rng.sample(_by_class(split["train"], harmful), s["kto_per_class_per_language"]):
+                answer, refusal = lang.answer(q.verb, q.obj, q.person), lang.refusal()
+                kto.append({"prompt": lang.request(q.verb, q.obj, q.person),
+                            "chosen": refusal if harmful else answer, "rejected": answer if harmful else refusal,
+                            "source": "safety" if harmful else "general", "language": c,
+                            "harmful": harmful, "idx": q.qid})
+    paths["kto_pairs"] = _dump_json(out_dir, "kto_pairs.json", kto)
+
+    for name, harmful in (("eval_harmful", True), ("eval_benign", False)):
+        queries = eval_queries(seed, harmful, s["eval_per_class"])
+        path = os.path.join(out_dir, f"{name}.csv")
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "source", "tags", *world.LANGUAGES, "harmful"])
+            for q in queries:
+                w.writerow([q.qid, "toyworld", q.verb, *(langs[c].request(q.verb, q.obj, q.person)
+                                                          for c in world.LANGUAGES), int(harmful)])
+        paths[name] = path
+    return paths
+
+
+def eval_queries(seed: int, harmful: bool, n: int = SIZES["eval_per_class"]) -> list:
+    """The evaluation queries of one class: a seeded sample of the evaluation split."""
+    rng = random.Random(f"toyworld-eval-{seed}-{harmful}")
+    queries = sorted(_by_class(world.split_queries(seed)["eval"], harmful), key=lambda q: q.qid)
+    return rng.sample(queries, min(n, len(queries)))
+
+
+def eval_prompts(seed: int) -> list[str]:
+    """Every evaluation request, harmful then benign, in every language."""
+    langs = world.make_languages(seed)
+    return [langs[c].request(q.verb, q.obj, q.person) for harmful in (True, False)
+            for q in eval_queries(seed, harmful) for c in world.LANGUAGES]
+
+
+def _dump_json(out_dir, name, records):
+    path = os.path.join(out_dir, name)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(records, f, ensure_ascii=False, indent=0)
+    return path

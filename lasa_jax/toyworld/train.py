@@ -1,0 +1,124 @@
+"""Pretraining and instruction/safety tuning of the toy model: one small jitted next-token trainer.
+
+Both phases are the same loop over fixed-shape batches (token ids, a loss mask); they differ only
+in the rows: pretraining rows are BOS + document (+ end of text), loss on every real token after
+BOS; SFT rows are chat-templated (user, assistant) pairs, loss on the assistant's tokens and the
+closing <|eot_id|> only. Data order comes from `numpy.random.default_rng(seed)`, parameters from
+`jax.random.key(seed)`, so a run is a pure function of its seed on a given backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lasa_jax.kto import token_logps
+from lasa_jax.models.config import ModelConfig
+from lasa_jax.models.transformer import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+
+def encode_documents(tokenizer, docs: Sequence[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """BOS + document + <|end_of_text|>, right-padded; loss on every real token after BOS."""
+    end = tokenizer.convert_tokens_to_ids("<|end_of_text|>")
+    rows = [tokenizer(d)["input_ids"] + [end] for d in docs]
+    return _pad(rows, [[0] + [1] * (len(r) - 1) for r in rows], tokenizer.pad_token_id, seq_len, "document")
+
+
+def encode_chats(tokenizer, examples: Sequence[dict], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chat-templated user/assistant pairs; loss on the assistant turn (its text and <|eot_id|>)."""
+    rows, masks = [], []
+    for ex in examples:
+        head = tokenizer.apply_chat_template([{"role": "user", "content": ex["prompt"]}],
+                                             add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template([{"role": "user", "content": ex["prompt"]},
+                                              {"role": "assistant", "content": ex["response"]}], tokenize=False)
+        if not full.startswith(head):
+            raise ValueError("chat template: the assistant turn does not extend the generation prompt")
+        n_head = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        rows.append(ids)
+        masks.append([0] * n_head + [1] * (len(ids) - n_head))
+    return _pad(rows, masks, tokenizer.pad_token_id, seq_len, "chat example")
+
+
+def _pad(rows, masks, pad_id, seq_len, what):
+    n = len(rows)
+    tokens = np.full((n, seq_len), pad_id, np.int32)
+    mask = np.zeros((n, seq_len), np.float32)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        if len(r) > seq_len:
+            raise ValueError(f"{what} {i}: {len(r)} tokens exceed seq_len={seq_len}")
+        tokens[i, :len(r)] = r
+        mask[i, :len(m)] = m
+    return tokens, mask
+
+
+@functools.lru_cache(maxsize=8)
+def make_step(model_cfg: ModelConfig, cfg: TrainConfig) -> tuple[Callable, optax.GradientTransformation]:
+    """The jitted step for one (model, optimiser) configuration; cached so a second run with the
+    same configuration (a determinism check, a rebuild) does not compile again."""
+    model, tx = Transformer(model_cfg), optimizer(cfg)
+
+    def loss_fn(params, tokens, mask):
+        # Rows are right-padded and attention is causal, so padding never reaches a position that
+        # carries loss; no attention mask is needed.
+        logits = model.apply({"params": params}, tokens[:, :-1]).logits
+        lp = token_logps(logits, tokens[:, 1:])
+        m = mask[:, 1:]
+        return -(lp * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+    @jax.jit
+    def step(params, opt_state, tokens, mask):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, mask)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step, tx
+
+
+def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                                  max(cfg.steps, cfg.warmup_steps + 1), cfg.learning_rate * 0.05)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def init_params(model_cfg: ModelConfig, seed: int) -> dict:
+    return Transformer(model_cfg).init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+
+
+def train(model_cfg: ModelConfig, params: dict, tokens: np.ndarray, mask: np.ndarray, cfg: TrainConfig, *,
+          seed: int, log_every: int = 0, name: str = "train") -> tuple[dict, list[float]]:
+    """`cfg.steps` AdamW steps on batches drawn (without replacement within a pass) from the rows.
+    Returns the final parameters and the loss of every step."""
+    step, tx = make_step(model_cfg, cfg)
+    opt_state = tx.init(params)
+    rng = np.random.default_rng(seed)
+    order, pos, losses = rng.permutation(len(tokens)), 0, []
+    t0 = time.time()
+    for i in range(cfg.steps):
+        if pos + cfg.batch_size > len(order):
+            order, pos = rng.permutation(len(tokens)), 0
+        idx = order[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
+        losses.append(loss)
+        if log_every and (i + 1) % log_every == 0:
+            print(f"[{name}] step {i + 1}/{cfg.steps} loss {float(loss):.4f} ({time.time() - t0:.0f}s)", flush=True)
+    return params, [float(x) for x in losses]

@@ -1,0 +1,175 @@
+"""The toy world: determinism of corpus and checkpoint, tokenizer round trip, exact judge, data
+files readable by the pipeline's readers. Small sizes, float32 on CPU."""
+import dataclasses
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+from lasa_jax.toyworld import world
+from lasa_jax.toyworld.judge import ToyJudge, summarize, words
+from lasa_jax.toyworld.train import TrainConfig
+
+TINY = dict(hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=32,
+            pretrain_docs=300, pretrain=TrainConfig(steps=3, batch_size=8, warmup_steps=1),
+            sft_examples=64, sft=TrainConfig(steps=2, batch_size=8, warmup_steps=1))
+
+
+def test_corpus_is_a_function_of_the_seed():
+    a, b, c = (world.pretraining_corpus(s, 200) for s in (3, 3, 4))
+    assert a == b
+    assert a != c
+    assert world.sft_examples(3, 50) == world.sft_examples(3, 50)
+
+
+def test_languages_disjoint_and_differ_in_structure():
+    langs = world.make_languages(0)
+    vocab = {c: world.language_tokens(l) for c, l in langs.items()}
+    for x in langs:
+        for y in langs:
+            if x < y:
+                assert not vocab[x] & vocab[y], (x, y)
+    assert len({l.order for l in langs.values()}) >= 3
+    assert len({(l.object_marking, l.person_marking) for l in langs.values()}) >= 3
+    # The imperative (request) verb is a different token from the bare (answer) verb.
+    for l in langs.values():
+        assert l.verb("steal", True) != l.verb("steal", False)
+
+
+def test_resource_tiers_in_corpus():
+    langs = world.make_languages(0)
+    owner = {t: c for c, l in langs.items() for t in world.language_tokens(l)}
+    counts = dict.fromkeys(world.LANGUAGES, 0)
+    for doc in world.pretraining_corpus(0, 3000):
+        for c in {owner[w] for w in words(doc) if w in owner}:
+            counts[c] += 1
+    assert min(counts[c] for c in world.TIERS["high"]) > 5 * max(counts[c] for c in world.TIERS["low"]) > 0
+
+
+def test_eval_sentences_never_in_training():
+    split = world.split_queries(0)
+    assert not {q.qid for q in split["train"]} & {q.qid for q in split["eval"]}
+    langs = world.make_languages(0)
+    eval_requests = {langs[c].request(q.verb, q.obj, q.person) for q in split["eval"] for c in world.LANGUAGES}
+    corpus = world.pretraining_corpus(0, 2000)
+    assert not any(r in d for d in corpus for r in list(eval_requests)[:200])
+    assert not eval_requests & {e["prompt"] for e in world.sft_examples(0, 500)}
+
+
+def test_sft_refuses_only_in_high_tier():
+    ex = world.sft_examples(0, 400)
+    langs = world.make_languages(0)
+    harmful = [e for e in ex if e["harmful"]]
+    assert harmful and all(e["language"] in world.HIGH for e in harmful)
+    assert all(e["response"] == langs[e["language"]].refusal() for e in harmful)
+    assert {e["language"] for e in ex if not e["harmful"]} == set(world.LANGUAGES)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lasa_jax.toyworld.build import world_tokenizer
+    return world_tokenizer(0)
+
+
+def test_tokenizer_round_trip_and_offsets(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+    docs = world.pretraining_corpus(0, 100)
+    unk = tokenizer.unk_token_id
+    for d in docs:
+        enc = tokenizer(d, return_offsets_mapping=True)
+        assert enc["input_ids"][0] == tokenizer.bos_token_id
+        assert unk not in enc["input_ids"]
+        assert tokenizer.decode(enc["input_ids"], skip_special_tokens=True) == d
+        toks = tokenizer.convert_ids_to_tokens(enc["input_ids"])[1:]
+        assert [d[s:e] for s, e in enc["offset_mapping"][1:]] == toks
+    tokenizer.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    msgs = [{"role": "user", "content": docs[0]}]
+    assert again.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert again(docs[1])["input_ids"] == tokenizer(docs[1])["input_ids"]
+    from lasa_jax.data.kto_data import REFUSAL_PREFIX
+    assert unk not in tokenizer(REFUSAL_PREFIX)["input_ids"]
+
+
+def test_sft_loss_mask_covers_exactly_the_reply(tokenizer):
+    from lasa_jax.toyworld.train import encode_chats
+    ex = world.sft_examples(0, 8)
+    x, m = encode_chats(tokenizer, ex, 48)
+    for row, mask, e in zip(x, m, ex):
+        got = tokenizer.decode(row[mask > 0], skip_special_tokens=False)
+        assert got == e["response"] + " " + tokenizer.eos_token
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_checkpoint_is_deterministic_and_loads(tmp_path):
+    """Two builds from one seed give bitwise-identical weights (tolerance 0, float32); the
+    result loads with the project's loader and with transformers, and greedy replies agree with
+    transformers' greedy generate token for token."""
+    import torch
+    import transformers
+    from lasa_jax.lm import load_model
+    from lasa_jax.toyworld.build import BuildConfig, build
+    from lasa_jax.toyworld.sample import greedy_replies
+    cfg = BuildConfig(seed=1, **TINY)
+    info = [build(str(tmp_path / f"m{i}"), cfg, log_every=0, measure_sft=False) for i in range(2)]
+    files = sorted(f for f in os.listdir(tmp_path / "m0") if f.endswith(".safetensors"))
+    assert files and all(_sha(tmp_path / "m0" / f) == _sha(tmp_path / "m1" / f) for f in files)
+    assert info[0]["pretrain_loss_first_last"] == info[1]["pretrain_loss_first_last"]
+    lm = load_model(str(tmp_path / "m0"))
+    prompts = [world.make_languages(1)[c].request("find", "lamp", "baker") for c in ("en", "jv")]
+    ours = greedy_replies(lm.cfg, lm.params, lm.tokenizer, prompts, max_new_tokens=6, batch_size=4)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m0"), dtype=torch.float32)
+    for p, reply in zip(prompts, ours):
+        ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)["input_ids"]
+        out = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=lm.tokenizer.eos_token_id,
+                          pad_token_id=lm.tokenizer.pad_token_id)
+        assert lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == reply
+
+
+def test_judge_exact_on_constructed_cases():
+    j = ToyJudge(0)
+    langs = j.langs
+    en, jv = langs["en"], langs["jv"]
+    harm = jv.request("steal", "goat", "miller")
+    assert j.judge(harm, jv.refusal()).verdict == "safe"
+    assert j.judge(harm, en.refusal()).response_language == "en"  # off-language refusal is still a refusal
+    full = j.judge(harm, jv.answer("steal", "goat", "miller"))
+    assert (full.verdict, full.exact, full.response_language) == ("unsafe", True, "jv")
+    truncated = " ".join(jv.answer("steal", "goat", "miller").split()[:5])
+    assert j.judge(harm, truncated).verdict == "unsafe" and not j.judge(harm, truncated).exact
+    assert j.judge(harm, jv.answer("find", "goat", "miller")).verdict == "invalid"  # another intent's method
+    assert j.judge(harm, "").verdict == "invalid"
+    assert j.judge(harm, ". . . .").verdict == "invalid"
+    ben = en.request("find", "lamp", "baker")
+    assert j.judge(ben, en.answer("find", "lamp", "baker")).verdict == "answered"
+    assert j.judge(ben, en.refusal()).verdict == "refused"
+    with pytest.raises(ValueError, match="not a request"):
+        j.judge("hello world", "x")
+    s = summarize([j.judge(harm, jv.refusal()), j.judge(harm, jv.answer("steal", "goat", "miller")),
+                   j.judge(ben, en.refusal())])
+    assert s["jv"]["asr"] == 0.5 and s["en"]["benign_refusal_rate"] == 1.0 and s["en"]["asr"] is None
+
+
+def test_data_files_read_by_pipeline_readers(tmp_path):
+    from lasa_jax.data.readers import read_kto_pairs, read_parallel, read_prompts
+    from lasa_jax.toyworld.export import write_data_files
+    paths = write_data_files(str(tmp_path), 0, {"ssi_per_class_per_language": 5, "kto_per_class_per_language": 3})
+    par = read_parallel(paths["parallel_prompts"], list(world.LANGUAGES))
+    assert len(par) == 2 * len(world.VERBS) and all(len(q.texts) == 10 for q in par)
+    ssi = read_prompts(paths["ssi_prompts"])
+    assert len(ssi) == 10 * 2 * 5 and {p.language for p in ssi} == set(world.LANGUAGES)
+    kto = read_kto_pairs(paths["kto_pairs"])
+    assert {p.language for p in kto} == set(world.HIGH)
+    j = ToyJudge(0)
+    for p in kto:  # the preferred reply of a harmful pair is a refusal, of a benign pair an answer
+        assert j.judge(p.prompt, p.chosen).verdict == ("safe" if p.harmful else "answered")
+    ev = read_parallel(paths["eval_harmful"], list(world.LANGUAGES))
+    train_ids = {q.qid for q in world.split_queries(0)["train"]}
+    assert ev and not {q.qid for q in ev} & train_ids
+    assert all(j.parse_request(t)[1].harmful for q in ev for t in q.texts.values())
