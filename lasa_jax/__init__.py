@@ -17,7 +17,10 @@ def __getattr__(name):
     if name in ("run_bottleneck", "run_ssi", "run"):
         from lasa_jax import pipeline
         return getattr(pipeline, name)
-    if name in ("run_align", "run_evaluate"):
-        from lasa_jax import stages
-        return stages.STAGES[name[len("run_"):]]
+    if name == "run_align":
+        from lasa_jax.train import run_align
+        return run_align
+    if name == "run_evaluate":
+        from lasa_jax.evaluate import run_evaluate
+        return run_evaluate
     raise AttributeError(f"module 'lasa_jax' has no attribute {name!r}")

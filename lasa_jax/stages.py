@@ -1,18 +1,25 @@
-"""Stage name -> function. Stages not built yet are absent and fail with a clear message."""
+"""Stage name -> function (each takes a ``pipeline.Run``), in pipeline order."""
 from __future__ import annotations
 
-from lasa_jax import pipeline
+
+def _bottleneck(run):
+    from lasa_jax.pipeline import run_bottleneck
+    return run_bottleneck(run)
 
 
-def _missing(name):
-    def run(_):
-        raise NotImplementedError(f"stage {name!r} is not available in this version of lasa_jax")
-    return run
+def _ssi(run):
+    from lasa_jax.pipeline import run_ssi
+    return run_ssi(run)
 
 
-STAGES = {
-    "bottleneck": pipeline.run_bottleneck,
-    "ssi": pipeline.run_ssi,
-    "align": getattr(pipeline, "run_align", _missing("align")),
-    "evaluate": getattr(pipeline, "run_evaluate", _missing("evaluate")),
-}
+def _align(run):
+    from lasa_jax.train import run_align
+    return run_align(run)
+
+
+def _evaluate(run):
+    from lasa_jax.evaluate import run_evaluate
+    return run_evaluate(run)
+
+
+STAGES = {"bottleneck": _bottleneck, "ssi": _ssi, "align": _align, "evaluate": _evaluate}

@@ -31,7 +31,8 @@ def make_tiny_checkpoint(directory: str, *, family: str = "llama", seed: int = 0
     style = "llama3" if family == "llama" else "qwen"
     tokenizer = build_byte_tokenizer(style)
     cfg = tiny_model_config(family, len(tokenizer), **sizes)
-    params = Transformer(cfg).init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+    init = jax.jit(lambda key: Transformer(cfg).init(key, jnp.zeros((1, 4), jnp.int32))["params"])
+    params = init(jax.random.key(seed))
     tmp = directory + ".tmp"
     hf = to_hf_dict(cfg, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id)
