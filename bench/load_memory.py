@@ -138,6 +138,15 @@ def _rss_bytes() -> int:
 
 
 def _peak_bytes() -> int:
+    """High-water RSS of this process image. VmHWM is reset by exec; ru_maxrss is not (a child
+    started from a large parent, e.g. pytest, would report the parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

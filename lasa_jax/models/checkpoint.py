@@ -222,23 +222,54 @@ def load_params(path: str, cfg: ModelConfig, *, dtype: Any = jnp.float32,
         name_t, transform = PARAM_MAP[pth]
         stacked = pth.startswith("layers/")
 
-        def callback(idx, pth=pth, shape=shape, name_t=name_t, transform=transform, stacked=stacked):
-            idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
-            if not stacked:
-                name = name_t
-                with safe_open(index.file_of[name], framework="numpy") as h:
-                    return _read_slice(h, name, transform, idx, shape).astype(np_dtype)
-            parts = []
-            for layer in range(*idx[0].indices(shape[0])):
-                name = name_t.format(i=layer)
-                # Opened per tensor: a long-lived mmap would keep every touched page in our RSS.
-                with safe_open(index.file_of[name], framework="numpy") as h:
-                    parts.append(_read_slice(h, name, transform, idx[1:], shape[1:]).astype(np_dtype))
-            return np.stack(parts)
+        def callback(idx, shape=shape, name_t=name_t, transform=transform, stacked=stacked):
+            idx = tuple(s if isinstance(s, slice) else slice(s, s + 1) for s in idx)
+            idx = idx + (slice(None),) * (len(shape) - len(idx))
+            idx = tuple(slice(*s.indices(n)[:2]) for s, n in zip(idx, shape))
+            out = _aligned_empty(tuple(s.stop - s.start for s in idx), np_dtype)
+            if stacked:
+                for j, layer in enumerate(range(idx[0].start, idx[0].stop)):
+                    name = name_t.format(i=layer)
+                    # Opened per tensor: a long-lived mmap would keep every touched page in RSS.
+                    with safe_open(index.file_of[name], framework="numpy") as h:
+                        out[j] = _read_slice(h, name, transform, idx[1:], shape[1:])
+            else:
+                _read_blocks(index.file_of[name_t], name_t, transform, idx, shape, out)
+            return out
 
         sharding = shardings(pth, shape) if shardings is not None else default
         flat[pth] = jax.make_array_from_callback(shape, sharding, callback)
     return unflatten(flat)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A page-aligned host buffer: JAX's CPU client adopts aligned NumPy memory instead of
+    copying it, so each shard exists once on the host while loading."""
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(n + 4096, np.uint8)
+    start = (-raw.ctypes.data) % 4096
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
+# Axis of *our* layout that runs along the HF tensor's rows (its contiguous-block axis).
+_ROW_AXIS = {"same": 0, "transpose": 1, "heads_out": 1, "heads_in": 2, "heads_bias": 0}
+
+
+def _read_blocks(file: str, name: str, transform: str, idx: tuple[slice, ...], shape, out,
+                 block_bytes: int = 64 << 20) -> None:
+    """Fill ``out`` (our slice ``idx``) from a large un-stacked tensor (embeddings, LM head) in
+    row blocks of at most ``block_bytes``, reopening the file per block so that mapped pages are
+    released as we go rather than held for the whole tensor."""
+    axis = _ROW_AXIS[transform]
+    lo, hi = idx[axis].start, idx[axis].stop
+    per_row = max(1, out.nbytes // max(1, hi - lo))
+    step = max(1, block_bytes // per_row)
+    for start in range(lo, hi, step):
+        stop = min(hi, start + step)
+        sub = idx[:axis] + (slice(start, stop),) + idx[axis + 1:]
+        dst = (slice(None),) * axis + (slice(start - lo, stop - lo),)
+        with safe_open(file, framework="numpy") as h:
+            out[dst] = _read_slice(h, name, transform, sub, shape)
 
 
 def _fetch(x: jax.Array) -> np.ndarray:
