@@ -1,0 +1,363 @@
+"""Latent-KTO training loop (lasa_jax.train). float32 throughout, 8 simulated CPU devices.
+
+References: an independent single-device step (plain full-batch forward, jax.grad of kto_loss,
+optax.chain(clip_by_global_norm, adamw(warmup_cosine_decay_schedule))) and transformers'
+LlamaForCausalLM for the export. Tolerances are stated per test.
+
+Every run here uses the same batch shapes and optimiser settings, so the compiled step is shared
+through a per-session JAX compilation cache (the first compile dominates on a small CPU).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lasa_jax import train
+from lasa_jax.config import base_config
+from lasa_jax.data.readers import FIXTURES_DIR, read_kto_pairs
+from lasa_jax.kto import completion_logps, kto_loss
+from lasa_jax.lm import load_model
+from lasa_jax.pipeline import Run
+from lasa_jax.sharding import make_mesh
+from lasa_jax.tiny import make_tiny_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(family="llama", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+# One layout for every test: 16 items per step in 2 micro-batches of 8 (divisible by every mesh).
+ALIGN = dict(batch_size=16, grad_accum=2, max_length=256, max_prompt_length=160, learning_rate=1e-3,
+             warmup_steps=0, weight_decay=0.01, z_mode="label", tensorboard=False)
+# One-step comparisons: Adam's first update is lr * g / (|g| + eps), so a gradient entry that is
+# rounding noise in both runs can move by up to 2 lr; lr = 1e-4 keeps that below the 1e-5
+# tolerance while a wrong gradient still moves entries by ~1e-4. (The learning rate is an input
+# of the compiled step, so this shares the compilation with every other test.)
+STEP = dict(learning_rate=1e-4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir",
+                                                  "jax_persistent_cache_min_compile_time_secs",
+                                                  "jax_persistent_cache_min_entry_size_bytes")}
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield cache
+    for k, v in saved.items():
+        jax.config.update(k, v)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0, **TINY)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """Four mild safety pairs and their four benign twins, English, from the project fixture."""
+    path = tmp_path_factory.mktemp("data") / "pairs.json"
+    fixture = os.path.join(FIXTURES_DIR, "kto_pairs.json")
+    if os.path.exists(fixture):
+        with open(fixture, encoding="utf-8") as f:
+            records = [r for r in json.load(f) if r.get("language") == "en"]
+        records = ([r for r in records if r["source"] == "safety"][:4]
+                   + [r for r in records if r["source"] == "general"][:4])
+    else:
+        records = [{"prompt": f"Write a fake review number {i}.", "chosen": "Sorry, I can't help with that.",
+                    "rejected": "Sure, here it is: [placeholder]", "source": "safety", "harmful": True, "idx": i}
+                   for i in range(4)]
+        records += [{"prompt": f"Write an honest review number {i}.", "chosen": "Here is an honest review.",
+                     "rejected": "No. Do it yourself.", "source": "general", "harmful": False, "idx": i}
+                    for i in range(4)]
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+def make_config(workdir, model, pairs, **align):
+    c = base_config()
+    c.workdir, c.progress, c.seed = str(workdir), False, 0
+    c.model.path, c.model.dtype, c.model.param_dtype = model, "float32", "float32"
+    c.data.kto_pairs = pairs
+    for k, v in {**ALIGN, **align}.items():
+        setattr(c.align, k, v)
+    return c
+
+
+def make_data(lm, pairs, total_steps=4, **align):
+    a = make_config("unused", "", pairs, **align).align
+    items = train.make_items(read_kto_pairs(pairs), a, seed=0)
+    return a, train.KTOBatches(items, lm.tokenizer, batch_size=a.batch_size, grad_accum=a.grad_accum,
+                               max_steps=total_steps, max_length=a.max_length,
+                               max_prompt_length=a.max_prompt_length, pad_id=lm.pad_id)
+
+
+def host_copy(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+# ----------------------------------------------------------------------------- one step
+
+@pytest.fixture(scope="module")
+def one_step(tiny, pairs_file):
+    """Start point, data and the independent single-device reference after one optimiser step."""
+    lm = load_model(tiny)
+    a, data = make_data(lm, pairs_file, **STEP)
+    base = host_copy(lm.params)
+    # The policy starts away from the reference so that rewards and z_ref are not all zero.
+    keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(base))))
+    start = jax.tree.map(lambda x: x + 0.05 * np.asarray(jax.random.normal(next(keys), x.shape)), base)
+
+    host = data.host_batch(0)
+    full = {k: v.reshape(-1, *v.shape[2:]) for k, v in host.items()}  # (A, b, ...) -> (B, ...)
+
+    def logps(p, prefix=""):
+        out = lm.module.apply({"params": p}, full[prefix + "tokens"], full[prefix + "mask"])
+        return completion_logps(out.logits, full[prefix + "tokens"], full[prefix + "loss_mask"])
+
+    ref, ref_kl = jax.jit(lambda p: (logps(p), logps(p, "kl_")))(base)
+    ref, ref_kl = np.asarray(ref), np.asarray(ref_kl)
+
+    def loss_fn(p):
+        pol_kl = jax.lax.stop_gradient(logps(p, "kl_"))
+        return kto_loss(logps(p), ref, pol_kl, ref_kl, full["desirable"], beta=a.beta)
+
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(start)
+    decay = jax.tree_util.tree_map_with_path(
+        lambda path, x: "norm" not in jax.tree_util.keystr(path) or "kernel" in jax.tree_util.keystr(path), start)
+    tx = optax.chain(optax.clip_by_global_norm(a.grad_clip),
+                     optax.adamw(optax.warmup_cosine_decay_schedule(0.0, a.learning_rate, 0, 4, 0.0),
+                                 weight_decay=a.weight_decay, mask=decay))
+    updates, _ = tx.update(grads, tx.init(start), start)
+    expected = host_copy(optax.apply_updates(start, updates))
+    assert metrics["z_ref"] > 0 and abs(float(metrics["rewards/margins"])) > 0  # a non-trivial point
+    return dict(lm=lm, data=data, base=base, start=start, ref=ref, ref_kl=ref_kl, loss=float(loss),
+                metrics=host_copy(metrics), expected=expected)
+
+
+def step_on_mesh(tiny, one_step, mesh):
+    lm = load_model(tiny, mesh=mesh)
+    data = one_step["data"]
+    trainer = train.Trainer(lm, make_config("unused", "", "", **STEP).align, total_steps=data.total_steps,
+                            per_step_reference=False)
+    # The precomputed reference of our pipeline must equal the plain full-batch forward
+    # (sums of ~250 float32 log-probs of size ~1: relative 1e-6).
+    items, kl = train.reference_logps(trainer, lm.params, data)
+    np.testing.assert_allclose(items[data.indices(0)], one_step["ref"], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(kl[0], one_step["ref_kl"], rtol=1e-6, atol=0)
+    data.ref_logps, data.ref_kl_logps = items, kl
+    params = jax.device_put(one_step["start"], trainer.param_shardings)
+    params, _, metrics = trainer.step(params, trainer.init_opt_state(params), data.host_batch(0), 0)
+    return host_copy(params), host_copy(metrics)
+
+
+def max_diff(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def single_device_step(tiny, one_step):
+    return step_on_mesh(tiny, one_step, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+
+
+def test_single_device_step_matches_independent_reference(one_step, single_device_step):
+    """Micro-batched (2 x 8) step vs plain full-batch jax.grad + optax AdamW: params within 1e-5
+    (float32; lr 1e-4, so a wrong gradient or schedule moves params by ~1e-4)."""
+    params, metrics = single_device_step
+    assert max_diff(params, one_step["start"]) > 5e-5  # the step moved the params
+    assert max_diff(params, one_step["expected"]) <= 1e-5
+    for k in ("z_ref", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(float(metrics[k]) - float(one_step["metrics"][k])) <= 1e-5, k
+    assert abs(float(metrics["loss"]) - one_step["loss"]) <= 1e-6
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1), pytest.param((8, 1, 1), marks=pytest.mark.slow)])
+def test_sharded_step_equals_single_device(tiny, one_step, single_device_step, shape):
+    """(data, fsdp, tensor) meshes over 8 devices: params after one step within 1e-5 of the
+    single-device step, loss within 1e-6 (float32)."""
+    params, metrics = step_on_mesh(tiny, one_step, make_mesh(*shape))
+    ref_params, ref_metrics = single_device_step
+    assert max_diff(params, ref_params) <= 1e-5
+    assert abs(float(metrics["loss"]) - float(ref_metrics["loss"])) <= 1e-6
+
+
+def test_precomputed_and_per_step_reference_give_the_same_losses(tiny, pairs_file):
+    """Three steps each; losses, z_ref and margins agree within 1e-6, params within 1e-6 (float32)."""
+    results = {}
+    for mode in ("precomputed", "per_step"):
+        lm = load_model(tiny, mesh=make_mesh(1, 8, 1))
+        a, data = make_data(lm, pairs_file)
+        trainer = train.Trainer(lm, a, total_steps=data.total_steps, per_step_reference=mode == "per_step")
+        ref = None
+        if mode == "precomputed":
+            data.ref_logps, data.ref_kl_logps = train.reference_logps(trainer, lm.params, data)
+        else:
+            ref = jax.tree.map(jnp.copy, lm.params)
+        params = jax.tree.map(jnp.copy, lm.params)
+        opt = trainer.init_opt_state(params)
+        rows = []
+        for s in range(3):
+            params, opt, m = trainer.step(params, opt, data.host_batch(s), s, ref)
+            rows.append([float(m[k]) for k in ("loss", "z_ref", "rewards/margins")])
+        results[mode] = (np.asarray(rows), host_copy(params))
+    (r1, p1), (r2, p2) = results["precomputed"], results["per_step"]
+    assert r1[-1, 0] != r1[0, 0]  # training changed the loss, so the comparison is not trivial
+    np.testing.assert_allclose(r1, r2, atol=1e-6, rtol=0)
+    assert max_diff(p1, p2) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- runs
+
+RUN = dict(max_steps=6, checkpoint_every=2, keep_checkpoints=2)
+_SCRIPT = """
+import json, os, signal, sys
+import jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+from lasa_jax import train
+from lasa_jax.config import base_config
+from lasa_jax.pipeline import Run
+spec = json.loads(sys.argv[2])
+c = base_config()
+for section, fields in spec["config"].items():
+    for k, v in fields.items():
+        setattr(c if section == "" else c[section], k, v)
+kill_at = spec.get("kill_at")
+if kill_at:
+    def crash(step, mngr):
+        if step == kill_at:  # the save of this checkpoint may still be in flight
+            os.kill(os.getpid(), signal.SIGKILL)
+    train._after_checkpoint = crash
+print(json.dumps(train.run_align(Run(c))))
+"""
+
+
+def _spec(c):
+    return {"": {"workdir": c.workdir, "progress": False, "seed": c.seed},
+            "model": {k: c.model[k] for k in ("path", "dtype", "param_dtype")},
+            "data": {"kto_pairs": c.data.kto_pairs}, "align": c.align.to_dict()}
+
+
+def _subprocess(cache, c, kill_at=None):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-c", _SCRIPT, cache, json.dumps({"config": _spec(c), "kill_at": kill_at})],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, "align", "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _hf_tensors(workdir):
+    from safetensors.numpy import load_file
+    return load_file(os.path.join(workdir, "align", "hf", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, pairs_file, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    summary = train.run_align(Run(make_config(workdir, tiny, pairs_file, **RUN)))
+    return str(workdir), summary
+
+
+def test_killed_run_resumes_to_the_same_parameters(tiny, pairs_file, tmp_path, uninterrupted, compile_cache):
+    """SIGKILL right after the second checkpoint is issued, then resume: the same data order
+    (per-step batch digests and epoch positions) and final params within 1e-6 (float32)."""
+    ref_dir, ref_summary = uninterrupted
+    c = make_config(tmp_path, tiny, pairs_file, **RUN)
+    killed = _subprocess(compile_cache, c, kill_at=4)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "align" / "hf")
+    resumed = _subprocess(compile_cache, c)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from"] in (2, 4) and summary["steps"] == 6
+
+    got, want = _metrics(tmp_path), _metrics(ref_dir)
+    assert [r["step"] for r in got] == list(range(1, 7))
+    assert [(r["epoch"], r["step_in_epoch"], r["batch"]) for r in got] == \
+           [(r["epoch"], r["step_in_epoch"], r["batch"]) for r in want]
+    np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in want], atol=1e-6, rtol=0)
+    a, b = _hf_tensors(tmp_path), _hf_tensors(ref_dir)
+    assert a.keys() == b.keys()
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-6
+
+
+def test_run_writes_metrics_checkpoints_and_reference(uninterrupted):
+    workdir, summary = uninterrupted
+    rows = _metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(1, 7)) and summary["steps"] == 6
+    for r in rows:
+        assert np.isfinite([r[k] for k in ("loss", "kto_loss", "rewards/chosen", "rewards/rejected",
+                                           "rewards/margins", "z_ref", "grad_norm", "lr", "tokens_per_s")]).all()
+        assert r["mfu"] is None  # no peak-FLOPs entry for CPU
+    # Warm-up 0 then cosine to 0 over 6 steps: lr of step s (1-based) is lr * (1 + cos(pi (s-1) / 6)) / 2.
+    want_lr = [1e-3 * (1 + np.cos(np.pi * s / 6)) / 2 for s in range(6)]
+    np.testing.assert_allclose([r["lr"] for r in rows], want_lr, rtol=1e-5)
+    ckpts = sorted(int(d) for d in os.listdir(os.path.join(workdir, "align", "checkpoints")) if d.isdigit())
+    assert ckpts == [4, 6]  # keep_checkpoints = 2
+    assert os.path.exists(summary["reference"])
+
+
+def test_exported_model_loads_in_transformers_and_matches_our_logits(tiny, uninterrupted):
+    """align/hf in transformers (float32) vs our forward with the final Orbax params: logits within 1e-4."""
+    import orbax.checkpoint as ocp
+    import torch
+    import transformers
+    workdir, _ = uninterrupted
+    mngr = ocp.CheckpointManager(os.path.join(workdir, "align", "checkpoints"), item_names=("state", "meta"))
+    state = mngr.restore(6, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mngr.close()
+    lm = load_model(tiny)
+    params = jax.tree.map(np.asarray, state["params"])
+    assert max_diff(params, host_copy(lm.params)) > 1e-4  # trained away from the base
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, lm.cfg.vocab_size, (2, 40))
+    mask = np.ones((2, 40), bool)
+    mask[1, 30:] = False
+    ours = np.asarray(lm.module.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask)).logits)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(workdir, "align", "hf"),
+                                                           dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(ours[mask], theirs[mask], atol=1e-4, rtol=0)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, pairs_file, tmp_path, monkeypatch):
+    """A NaN in the reference log-probs of step 3's KL pairs makes step 3's loss NaN."""
+    real = train.reference_logps
+
+    def corrupted(*args, **kw):
+        items, kl = real(*args, **kw)
+        kl[2, 0] = np.nan
+        return items, kl
+
+    monkeypatch.setattr(train, "reference_logps", corrupted)
+    c = make_config(tmp_path, tiny, pairs_file, max_steps=5, checkpoint_every=1, keep_checkpoints=5)
+    ckpt_dir = os.path.join(str(tmp_path), "align", "checkpoints")
+    with pytest.raises(train.NonFiniteLoss,
+                       match=rf"non-finite loss at step 3; last good checkpoint: step 2 at {ckpt_dir}/2"):
+        train.run_align(Run(c))
+    assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == [1, 2]
+    assert not os.path.exists(tmp_path / "align" / "hf")
+    assert [r["step"] for r in _metrics(str(tmp_path))] == [1, 2]
+
+
+@pytest.mark.slow
+def test_loss_falls_and_margin_rises_over_50_steps(tiny, pairs_file, tmp_path):
+    """Toy preference set (8 pairs), 50 full-batch steps: mean loss of the last 5 steps below the
+    first 5, reward margin above 0 and above its start."""
+    c = make_config(tmp_path, tiny, pairs_file, max_steps=50, checkpoint_every=50, export=False)
+    train.run_align(Run(c))
+    rows = _metrics(str(tmp_path))
+    loss = np.array([r["loss"] for r in rows])
+    margin = np.array([r["rewards/margins"] for r in rows])
+    assert loss[-5:].mean() < loss[:5].mean() - 0.05
+    assert margin[-5:].mean() > margin[:5].mean() + 0.1 and margin[-1] > 0
