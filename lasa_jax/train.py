@@ -512,7 +512,7 @@ class _MetricsLog:
             self.writer.close()
 
 
-def _load_queries(run, lm):
+def _load_queries(run):
     from lasa_jax.data.readers import read_parallel
     from lasa_jax.pipeline import languages_of, resolve_data_path
     return read_parallel(resolve_data_path(run.config.data.parallel_prompts), languages_of(run.config))
@@ -565,7 +565,7 @@ def run_align(run) -> dict:
     if a.lambda_align > 0:
         layer = bottleneck_layer(run, a.align_layer)
         lm.check_layers([layer])
-        align_data = AlignBatches(lm, _load_queries(run, lm), queries_per_step=a.align_batch_queries,
+        align_data = AlignBatches(lm, _load_queries(run), queries_per_step=a.align_batch_queries,
                                   seed=c.seed, chat_template=c.data.feature_text == "chat", batch_multiple=bm)
     total = data.total_steps
     trainer = Trainer(lm, a, total_steps=total, per_step_reference=a.reference == "per_step",

@@ -21,18 +21,21 @@ import pytest
 
 from lasa_jax import train
 from lasa_jax.config import base_config
-from lasa_jax.data.readers import FIXTURES_DIR, read_kto_pairs
-from lasa_jax.kto import completion_logps, kto_loss
+from lasa_jax.data.readers import FIXTURES_DIR, read_kto_pairs, read_parallel
+from lasa_jax.kto import alignment_loss, completion_logps, kto_loss
 from lasa_jax.lm import load_model
-from lasa_jax.pipeline import Run
+from lasa_jax.pipeline import Run, resolve_data_path
 from lasa_jax.sharding import make_mesh
 from lasa_jax.tiny import make_tiny_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(family="llama", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
 # One layout for every test: 16 items per step in 2 micro-batches of 8 (divisible by every mesh).
+# The alignment term is on in every test (2 parallel queries x 3 languages per step, layer 1).
 ALIGN = dict(batch_size=16, grad_accum=2, max_length=256, max_prompt_length=160, learning_rate=1e-3,
-             warmup_steps=0, weight_decay=0.01, z_mode="label", tensorboard=False)
+             warmup_steps=0, weight_decay=0.01, z_mode="label", tensorboard=False, lambda_align=0.5,
+             align_layer=1, align_batch_queries=2)
+LANGUAGES = "en,zh,it"
 # One-step comparisons: Adam's first update is lr * g / (|g| + eps), so a gradient entry that is
 # rounding noise in both runs can move by up to 2 lr; lr = 1e-4 keeps that below the 1e-5
 # tolerance while a wrong gradient still moves entries by ~1e-4. (The learning rate is an input
@@ -85,17 +88,31 @@ def make_config(workdir, model, pairs, **align):
     c.workdir, c.progress, c.seed = str(workdir), False, 0
     c.model.path, c.model.dtype, c.model.param_dtype = model, "float32", "float32"
     c.data.kto_pairs = pairs
+    c.data.languages = LANGUAGES
     for k, v in {**ALIGN, **align}.items():
         setattr(c.align, k, v)
     return c
 
 
 def make_data(lm, pairs, total_steps=4, **align):
-    a = make_config("unused", "", pairs, **align).align
+    c = make_config("unused", "", pairs, **align)
+    a = c.align
     items = train.make_items(read_kto_pairs(pairs), a, seed=0)
-    return a, train.KTOBatches(items, lm.tokenizer, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                               max_steps=total_steps, max_length=a.max_length,
-                               max_prompt_length=a.max_prompt_length, pad_id=lm.pad_id)
+    data = train.KTOBatches(items, lm.tokenizer, batch_size=a.batch_size, grad_accum=a.grad_accum,
+                            max_steps=total_steps, max_length=a.max_length,
+                            max_prompt_length=a.max_prompt_length, pad_id=lm.pad_id)
+    queries = read_parallel(resolve_data_path(c.data.parallel_prompts), LANGUAGES.split(","))
+    parallel = train.AlignBatches(lm, queries, queries_per_step=a.align_batch_queries, seed=0, batch_multiple=8)
+    return a, data, parallel
+
+
+def make_trainer(lm, a, data, per_step=False):
+    return train.Trainer(lm, a, total_steps=data.total_steps, per_step_reference=per_step,
+                         lambda_align=a.lambda_align, align_layer=a.align_layer)
+
+
+def batch_at(data, parallel, s):
+    return {**data.host_batch(s), **parallel.host_batch(s)}
 
 
 def host_copy(tree):
@@ -108,7 +125,7 @@ def host_copy(tree):
 def one_step(tiny, pairs_file):
     """Start point, data and the independent single-device reference after one optimiser step."""
     lm = load_model(tiny)
-    a, data = make_data(lm, pairs_file, **STEP)
+    a, data, parallel = make_data(lm, pairs_file, **STEP)
     base = host_copy(lm.params)
     # The policy starts away from the reference so that rewards and z_ref are not all zero.
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(base))))
@@ -116,6 +133,7 @@ def one_step(tiny, pairs_file):
 
     host = data.host_batch(0)
     full = {k: v.reshape(-1, *v.shape[2:]) for k, v in host.items()}  # (A, b, ...) -> (B, ...)
+    assert host["tokens"].shape[:2] == (2, 8)
 
     def logps(p, prefix=""):
         out = lm.module.apply({"params": p}, full[prefix + "tokens"], full[prefix + "mask"])
@@ -124,9 +142,18 @@ def one_step(tiny, pairs_file):
     ref, ref_kl = jax.jit(lambda p: (logps(p), logps(p, "kl_")))(base)
     ref, ref_kl = np.asarray(ref), np.asarray(ref_kl)
 
+    al = parallel.host_batch(0)
+    assert al["align_valid"].sum() == 2 * 3 and len(set(al["align_groups"][al["align_valid"]])) == 2
+    last = al["align_mask"].shape[1] - 1 - np.argmax(al["align_mask"][:, ::-1], axis=1)
+
     def loss_fn(p):
         pol_kl = jax.lax.stop_gradient(logps(p, "kl_"))
-        return kto_loss(logps(p), ref, pol_kl, ref_kl, full["desirable"], beta=a.beta)
+        kto, metrics = kto_loss(logps(p), ref, pol_kl, ref_kl, full["desirable"], beta=a.beta)
+        # Features from the full hidden-state capture, read at the last real token here.
+        hidden = lm.module.apply({"params": p}, al["align_tokens"], al["align_mask"], capture="full").hidden
+        feats = hidden[a.align_layer][np.arange(len(last)), last]
+        align = alignment_loss(feats, al["align_groups"], al["align_valid"])
+        return kto + a.lambda_align * align, {**metrics, "align_loss": align}
 
     (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(start)
     decay = jax.tree_util.tree_map_with_path(
@@ -137,15 +164,14 @@ def one_step(tiny, pairs_file):
     updates, _ = tx.update(grads, tx.init(start), start)
     expected = host_copy(optax.apply_updates(start, updates))
     assert metrics["z_ref"] > 0 and abs(float(metrics["rewards/margins"])) > 0  # a non-trivial point
-    return dict(lm=lm, data=data, base=base, start=start, ref=ref, ref_kl=ref_kl, loss=float(loss),
+    return dict(lm=lm, data=data, parallel=parallel, base=base, start=start, ref=ref, ref_kl=ref_kl, loss=float(loss),
                 metrics=host_copy(metrics), expected=expected)
 
 
 def step_on_mesh(tiny, one_step, mesh):
     lm = load_model(tiny, mesh=mesh)
     data = one_step["data"]
-    trainer = train.Trainer(lm, make_config("unused", "", "", **STEP).align, total_steps=data.total_steps,
-                            per_step_reference=False)
+    trainer = make_trainer(lm, make_config("unused", "", "", **STEP).align, data)
     # The precomputed reference of our pipeline must equal the plain full-batch forward
     # (sums of ~250 float32 log-probs of size ~1: relative 1e-6).
     items, kl = train.reference_logps(trainer, lm.params, data)
@@ -153,7 +179,8 @@ def step_on_mesh(tiny, one_step, mesh):
     np.testing.assert_allclose(kl[0], one_step["ref_kl"], rtol=1e-6, atol=0)
     data.ref_logps, data.ref_kl_logps = items, kl
     params = jax.device_put(one_step["start"], trainer.param_shardings)
-    params, _, metrics = trainer.step(params, trainer.init_opt_state(params), data.host_batch(0), 0)
+    params, _, metrics = trainer.step(params, trainer.init_opt_state(params),
+                                      batch_at(data, one_step["parallel"], 0), 0)
     return host_copy(params), host_copy(metrics)
 
 
@@ -161,30 +188,18 @@ def max_diff(a, b):
     return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.fixture(scope="module")
-def single_device_step(tiny, one_step):
-    return step_on_mesh(tiny, one_step, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-
-
-def test_single_device_step_matches_independent_reference(one_step, single_device_step):
-    """Micro-batched (2 x 8) step vs plain full-batch jax.grad + optax AdamW: params within 1e-5
-    (float32; lr 1e-4, so a wrong gradient or schedule moves params by ~1e-4)."""
-    params, metrics = single_device_step
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1), pytest.param((8, 1, 1), marks=pytest.mark.slow)])
+def test_sharded_step_equals_single_device_reference(tiny, one_step, shape):
+    """(data, fsdp, tensor) mesh over 8 devices, micro-batched 2 x 8, vs the plain single-device
+    step (full-batch jax.grad + optax AdamW): params within 1e-5, loss within 1e-6, metrics
+    within 1e-5 (float32; lr 1e-4, so a wrong gradient or schedule moves params by ~1e-4)."""
+    params, metrics = step_on_mesh(tiny, one_step, make_mesh(*shape))
     assert max_diff(params, one_step["start"]) > 5e-5  # the step moved the params
     assert max_diff(params, one_step["expected"]) <= 1e-5
-    for k in ("z_ref", "rewards/chosen", "rewards/rejected", "rewards/margins"):
-        assert abs(float(metrics[k]) - float(one_step["metrics"][k])) <= 1e-5, k
     assert abs(float(metrics["loss"]) - one_step["loss"]) <= 1e-6
-
-
-@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1), pytest.param((8, 1, 1), marks=pytest.mark.slow)])
-def test_sharded_step_equals_single_device(tiny, one_step, single_device_step, shape):
-    """(data, fsdp, tensor) meshes over 8 devices: params after one step within 1e-5 of the
-    single-device step, loss within 1e-6 (float32)."""
-    params, metrics = step_on_mesh(tiny, one_step, make_mesh(*shape))
-    ref_params, ref_metrics = single_device_step
-    assert max_diff(params, ref_params) <= 1e-5
-    assert abs(float(metrics["loss"]) - float(ref_metrics["loss"])) <= 1e-6
+    assert float(one_step["metrics"]["align_loss"]) > 1e-3
+    for k in ("z_ref", "rewards/chosen", "rewards/rejected", "rewards/margins", "align_loss"):
+        assert abs(float(metrics[k]) - float(one_step["metrics"][k])) <= 1e-5, k
 
 
 def test_precomputed_and_per_step_reference_give_the_same_losses(tiny, pairs_file):
@@ -192,8 +207,8 @@ def test_precomputed_and_per_step_reference_give_the_same_losses(tiny, pairs_fil
     results = {}
     for mode in ("precomputed", "per_step"):
         lm = load_model(tiny, mesh=make_mesh(1, 8, 1))
-        a, data = make_data(lm, pairs_file)
-        trainer = train.Trainer(lm, a, total_steps=data.total_steps, per_step_reference=mode == "per_step")
+        a, data, parallel = make_data(lm, pairs_file)
+        trainer = make_trainer(lm, a, data, per_step=mode == "per_step")
         ref = None
         if mode == "precomputed":
             data.ref_logps, data.ref_kl_logps = train.reference_logps(trainer, lm.params, data)
@@ -203,7 +218,7 @@ def test_precomputed_and_per_step_reference_give_the_same_losses(tiny, pairs_fil
         opt = trainer.init_opt_state(params)
         rows = []
         for s in range(3):
-            params, opt, m = trainer.step(params, opt, data.host_batch(s), s, ref)
+            params, opt, m = trainer.step(params, opt, batch_at(data, parallel, s), s, ref)
             rows.append([float(m[k]) for k in ("loss", "z_ref", "rewards/margins")])
         results[mode] = (np.asarray(rows), host_copy(params))
     (r1, p1), (r2, p2) = results["precomputed"], results["per_step"]
@@ -241,7 +256,7 @@ print(json.dumps(train.run_align(Run(c))))
 def _spec(c):
     return {"": {"workdir": c.workdir, "progress": False, "seed": c.seed},
             "model": {k: c.model[k] for k in ("path", "dtype", "param_dtype")},
-            "data": {"kto_pairs": c.data.kto_pairs}, "align": c.align.to_dict()}
+            "data": {"kto_pairs": c.data.kto_pairs, "languages": c.data.languages}, "align": c.align.to_dict()}
 
 
 def _subprocess(cache, c, kill_at=None):
@@ -295,6 +310,7 @@ def test_run_writes_metrics_checkpoints_and_reference(uninterrupted):
     rows = _metrics(workdir)
     assert [r["step"] for r in rows] == list(range(1, 7)) and summary["steps"] == 6
     for r in rows:
+        assert r["align_loss"] > 0 and abs(r["loss"] - (r["kto_loss"] + 0.5 * r["align_loss"])) < 1e-6
         assert np.isfinite([r[k] for k in ("loss", "kto_loss", "rewards/chosen", "rewards/rejected",
                                            "rewards/margins", "z_ref", "grad_norm", "lr", "tokens_per_s")]).all()
         assert r["mfu"] is None  # no peak-FLOPs entry for CPU
@@ -358,6 +374,7 @@ def test_loss_falls_and_margin_rises_over_50_steps(tiny, pairs_file, tmp_path):
     train.run_align(Run(c))
     rows = _metrics(str(tmp_path))
     loss = np.array([r["loss"] for r in rows])
+    kto = np.array([r["kto_loss"] for r in rows])
     margin = np.array([r["rewards/margins"] for r in rows])
-    assert loss[-5:].mean() < loss[:5].mean() - 0.05
+    assert loss[-5:].mean() < loss[:5].mean() - 0.05 and kto[-5:].mean() < kto[:5].mean() - 0.05
     assert margin[-5:].mean() > margin[:5].mean() + 0.1 and margin[-1] > 0
