@@ -102,6 +102,26 @@ def test_sft_loss_mask_covers_exactly_the_reply(tokenizer):
         assert got == e["response"] + " " + tokenizer.eos_token
 
 
+def test_next_token_loss_matches_numpy(tokenizer):
+    """The trainer's loss against a NumPy next-token cross-entropy on the model's own logits
+    (float32, rtol 1e-5): guards the shift (position t scores token t from tokens < t)."""
+    import jax
+    from lasa_jax.tiny import tiny_model_config
+    from lasa_jax.models.transformer import Transformer
+    from lasa_jax.toyworld.train import encode_chats, init_params, next_token_loss
+    cfg = tiny_model_config("llama", len(tokenizer), hidden_size=16, num_layers=1, num_heads=2,
+                            num_kv_heads=1, intermediate_size=32)
+    model = Transformer(cfg)
+    params = init_params(cfg, 0)
+    x, m = encode_chats(tokenizer, world.sft_examples(0, 4), 48)
+    got = float(next_token_loss(params, model, x, m))
+    logits = np.asarray(model.apply({"params": params}, x).logits, np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp[:, :-1], x[:, 1:, None], axis=-1)[..., 0]
+    want = (nll * m[:, 1:]).sum() / m[:, 1:].sum()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def _sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 

@@ -32,9 +32,9 @@ class BuildConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 192
     pretrain_docs: int = 40000
-    pretrain: TrainConfig = TrainConfig(steps=1500, batch_size=32, learning_rate=3e-3, warmup_steps=100)
+    pretrain: TrainConfig = TrainConfig(steps=1000, batch_size=32, learning_rate=3e-3, warmup_steps=100)
     sft_examples: int = 6000
-    sft: TrainConfig = TrainConfig(steps=400, batch_size=32, learning_rate=1e-3, warmup_steps=20)
+    sft: TrainConfig = TrainConfig(steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20)
     seq_len_pretrain: int = 32
     seq_len_sft: int = 48
 

@@ -69,23 +69,25 @@ def _pad(rows, masks, pad_id, seq_len, what):
     return tokens, mask
 
 
+def next_token_loss(params, model: Transformer, tokens, mask):
+    """Mean negative log-likelihood of the tokens where `mask` is set (mask indexed like
+    `tokens`: mask[:, t] = 1 scores log p(tokens[:, t] | tokens[:, <t]))."""
+    # Rows are right-padded and attention is causal, so padding never reaches a position that
+    # carries loss; no attention mask is needed.
+    logits = model.apply({"params": params}, tokens).logits
+    lp = token_logps(logits, tokens)  # already shifted: aligned with `tokens`
+    return -(lp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
 @functools.lru_cache(maxsize=8)
 def make_step(model_cfg: ModelConfig, cfg: TrainConfig) -> tuple[Callable, optax.GradientTransformation]:
     """The jitted step for one (model, optimiser) configuration; cached so a second run with the
     same configuration (a determinism check, a rebuild) does not compile again."""
     model, tx = Transformer(model_cfg), optimizer(cfg)
 
-    def loss_fn(params, tokens, mask):
-        # Rows are right-padded and attention is causal, so padding never reaches a position that
-        # carries loss; no attention mask is needed.
-        logits = model.apply({"params": params}, tokens[:, :-1]).logits
-        lp = token_logps(logits, tokens[:, 1:])
-        m = mask[:, 1:]
-        return -(lp * m).sum() / jnp.maximum(m.sum(), 1.0)
-
     @jax.jit
     def step(params, opt_state, tokens, mask):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, mask)
+        loss, grads = jax.value_and_grad(lambda p: next_token_loss(p, model, tokens, mask))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
