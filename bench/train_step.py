@@ -115,7 +115,7 @@ def main():
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
             opt.step()
-            float(loss)
+            float(loss.detach())
         return time.perf_counter() - t
 
     ours = time_jax(False)
