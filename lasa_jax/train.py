@@ -674,7 +674,7 @@ def _after_checkpoint(step: int, mngr) -> None:
     """Hook for tests (crash injection after a checkpoint is issued); does nothing by default."""
 
 
-def main(argv):  # pragma: no cover - thin CLI, exercised by the kill test
+def main(argv):  # pragma: no cover - thin CLI (`python -m lasa_jax.train --config=...`), not run by the tests
     from absl import logging as absl_logging
     from lasa_jax.pipeline import Run
     if len(argv) > 1:
