@@ -673,20 +673,3 @@ def run_align(run) -> dict:
 def _after_checkpoint(step: int, mngr) -> None:
     """Hook for tests (crash injection after a checkpoint is issued); does nothing by default."""
 
-
-def main(argv):  # pragma: no cover - thin CLI (`python -m lasa_jax.train --config=...`), not run by the tests
-    from absl import logging as absl_logging
-    from lasa_jax.pipeline import Run
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments: {argv[1:]}")
-    absl_logging.set_verbosity(absl_logging.INFO)
-    config = _CONFIG.value
-    distributed.maybe_initialize(config.distributed)
-    print(json.dumps(run_align(Run(config))))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from absl import app
-    from ml_collections import config_flags
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).")
-    app.run(main)
