@@ -21,7 +21,7 @@ _SPLIT_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-_LLAMA3_TEMPLATE = (
+LLAMA3_CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
@@ -56,7 +56,7 @@ CHAT_STYLES: dict[str, dict] = {
         "bos_token": "<|begin_of_text|>",
         "eos_token": "<|eot_id|>",
         "pad_token": "<|finetune_right_pad_id|>",
-        "chat_template": _LLAMA3_TEMPLATE,
+        "chat_template": LLAMA3_CHAT_TEMPLATE,
     },
     "qwen": {
         "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],

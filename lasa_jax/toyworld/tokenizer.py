@@ -13,21 +13,15 @@ from typing import Iterable
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from lasa_jax.data.tokenizers import LLAMA3_CHAT_TEMPLATE
+
 BOS, EOS_TEXT, HEADER_START, HEADER_END, EOT, PAD, UNK = (
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
     "<|eot_id|>", "<|finetune_right_pad_id|>", "<|unk|>")
 SPECIALS = (BOS, EOS_TEXT, HEADER_START, HEADER_END, EOT, PAD, UNK)
 
-CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
-    " + message['content'] | trim + '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-    "{%- endif %}"
-)
+# The LLaMA-3 chat layout, shared with the project's byte-level test tokenizer.
+CHAT_TEMPLATE = LLAMA3_CHAT_TEMPLATE
 
 
 def _pre_tokenizer():
