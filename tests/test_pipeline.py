@@ -59,6 +59,7 @@ def _config(workdir, model_path, **kw):
     c.ssi.max_epochs = 3
     c.progress = False
     c.stages = "bottleneck,ssi"
+    c.align.z_mode = "ssi"
     for k, v in kw.items():
         section, field = k.split("__")
         setattr(getattr(c, section), field, v)
@@ -96,6 +97,16 @@ def test_bottleneck_then_ssi_end_to_end(tiny, texts, tmp_path):
     single = np.array([art.probs(extract_features(lm, [t], [art.layer], progress=False)[0])[0] for t in texts])
     np.testing.assert_allclose(batched["left"], single, atol=TOL, rtol=0)
     np.testing.assert_allclose(batched["right"], single, atol=TOL, rtol=0)
+
+    # Stage 3's z_mode="ssi": each KTO item is conditioned on the SSI's verdict for its prompt.
+    from lasa_jax.data.readers import KTOPair
+    from lasa_jax.train import make_items, ssi_verdicts
+    verdicts = ssi_verdicts(lm, texts, str(out / "ssi"))
+    assert verdicts == {t: bool(v) for t, v in zip(texts, batched["right"] > art.threshold)}
+    pairs = [KTOPair(prompt=t, chosen="no", rejected="yes", source="safety", idx=str(i))
+             for i, t in enumerate(texts)]
+    items = make_items(pairs, config.align, seed=0, verdicts=verdicts)
+    assert [it.z for it in items] == [verdicts[t] for t in texts for _ in range(2)]
 
     # Rerunning reuses the feature cache (same weights, prompts, layers).
     cached = sorted(os.listdir(out / "cache"))
