@@ -75,7 +75,7 @@ def test_padded_rows_equal_unpadded_and_features_pick_last_real_token(checkpoint
 def test_export_round_trip_loads_in_transformers(checkpoint, tmp_path):
     name, _, directory = checkpoint
     lm = load_model(directory, tokenizer=False)
-    out = lm.save(str(tmp_path / "export"), max_shard_bytes=200_000)
+    out = lm.save(str(tmp_path / "new" / "parent" / "export"), max_shard_bytes=200_000)
     hf2 = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, lm.cfg.vocab_size, (2, 64))

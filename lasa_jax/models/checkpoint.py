@@ -330,6 +330,8 @@ def save_params(params: dict, cfg: ModelConfig, out_dir: str, *, source_dir: str
 
     primary = jax.process_index() == 0
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    if primary:
+        os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent) if primary else None
     weight_map, total = {}, 0
     for si, shard in enumerate(shards):
