@@ -14,6 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lasa_jax.lm import LanguageModel
+from lasa_jax.sharding import to_host
 
 FEATURE_CONVENTIONS = {False: "last_real_token_raw_prompt", True: "last_real_token_chat_template"}
 
@@ -36,7 +37,7 @@ def extract_features(lm: LanguageModel, texts: Sequence[str], layers: Sequence[i
         tokens, mask = lm.encode([texts[i] for i in idx], padding_side=padding_side,
                                  chat_template=chat_template, max_length=max_length,
                                  batch_multiple=_batch_rows(lm, batch_size))
-        feats = np.asarray(lm.features(tokens, mask, layers))
+        feats = to_host(lm.features(tokens, mask, layers))
         out[:, idx] = feats[:, :len(idx)]
     return out
 

@@ -151,6 +151,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as NumPy on every process (an all-gather when it spans several hosts)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def put_batch(arrays: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     """Place host batch arrays (the same on every process) on the mesh, batch-sharded."""
     out = {}

@@ -17,10 +17,11 @@ def main(checkpoint, port, process_id, out):
     from jax.experimental import multihost_utils
 
     from lasa_jax import sharding as shd
+    from lasa_jax.features import extract_features
     from lasa_jax.lm import load_model
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     mesh = shd.make_mesh(1, 4, 2)
-    lm = load_model(checkpoint, tokenizer=False, mesh=mesh)
+    lm = load_model(checkpoint, mesh=mesh)
     q = lm.params["layers"]["self_attn"]["q_proj_kernel"]
     assert not q.is_fully_addressable  # each process holds only its devices' slices
     rng = np.random.default_rng(0)
@@ -28,8 +29,12 @@ def main(checkpoint, port, process_id, out):
     mask = np.ones_like(tokens, bool)
     mask[::2, :9] = False
     feats = multihost_utils.process_allgather(lm.features(tokens, mask), tiled=True)
+    # The stage path: tokenise, length-sort, batch, gather across hosts.
+    texts = [line.strip() for line in open(os.path.join(os.path.dirname(checkpoint), "texts.txt"))]
+    staged = extract_features(lm, texts, [0, 2, 3], batch_size=8, progress=False)
     if jax.process_index() == 0:
         np.save(out, np.asarray(feats))
+        np.save(out.replace(".npy", "_staged.npy"), staged)
     jax.distributed.shutdown()
 
 

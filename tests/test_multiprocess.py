@@ -7,6 +7,9 @@ import sys
 
 import numpy as np
 
+from lasa_jax.data.readers import FIXTURES_DIR, read_prompts
+from lasa_jax.data.tokenizers import build_byte_tokenizer
+from lasa_jax.features import extract_features
 from lasa_jax.lm import load_model
 from tests.hf_models import make_hf_model, save_hf_model
 
@@ -22,6 +25,9 @@ def _free_port():
 def test_two_processes_match_single_process(tmp_path):
     ckpt = save_hf_model(make_hf_model("qwen3", num_attention_heads=8, num_key_value_heads=4),
                          str(tmp_path / "ckpt"), max_shard_size="200KB")
+    build_byte_tokenizer("qwen").save_pretrained(ckpt)  # 264 ids < the model's 512
+    texts = [p.text for p in read_prompts(os.path.join(FIXTURES_DIR, "ssi_prompts.json"))[::37]]
+    (tmp_path / "texts.txt").write_text("\n".join(t.replace("\n", " ") for t in texts))
     out = str(tmp_path / "feats.npy")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": ROOT}
@@ -40,9 +46,12 @@ def test_two_processes_match_single_process(tmp_path):
             raise
     assert all(p.returncode == 0 for p in procs), "\n---\n".join(x[-3000:] for x in logs)
 
-    lm = load_model(ckpt, tokenizer=False)
+    lm = load_model(ckpt)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, lm.cfg.vocab_size, (8, 48)).astype(np.int32)
     mask = np.ones_like(tokens, bool)
     mask[::2, :9] = False
     np.testing.assert_allclose(np.load(out), np.asarray(lm.features(tokens, mask)), atol=1e-5, rtol=0)
+    texts = (tmp_path / "texts.txt").read_text().split("\n")
+    single = extract_features(lm, texts, [0, 2, 3], batch_size=8, progress=False)
+    np.testing.assert_allclose(np.load(out.replace(".npy", "_staged.npy")), single, atol=1e-5, rtol=0)

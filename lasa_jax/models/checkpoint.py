@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lasa_jax.models.config import ModelConfig
+from lasa_jax.sharding import to_host
 
 
 class CheckpointError(ValueError):
@@ -272,13 +273,6 @@ def _read_blocks(file: str, name: str, transform: str, idx: tuple[slice, ...], s
             out[dst] = _read_slice(h, name, transform, sub, shape)
 
 
-def _fetch(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def _to_hf_layout(a: np.ndarray, transform: str) -> np.ndarray:
     if transform == "same":
         return a
@@ -339,7 +333,7 @@ def save_params(params: dict, cfg: ModelConfig, out_dir: str, *, source_dir: str
         tensors = {}
         for name in shard:
             path, transform, layer, _ = expected[name]
-            a = _fetch(flat[path][layer] if layer is not None else flat[path])
+            a = to_host(flat[path][layer] if layer is not None else flat[path])
             a = _to_hf_layout(a.astype(out_dtype) if out_dtype is not None else a, transform)
             tensors[name] = a
             weight_map[name] = fname
