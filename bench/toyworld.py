@@ -1,6 +1,6 @@
 """The toy world end to end for several seeds: world + checkpoint + the four stages + the baseline.
 
-    PYTHONPATH=. python bench/toyworld.py [--seeds 0,1,2] [--root runs/bench_toyworld] [--rebuild]
+    PYTHONPATH=. python bench/toyworld.py [--seeds 0,1,2] [--root runs/bench_toyworld] [--rebuild] [--world-version 2]
 
 For each seed s: build the world and checkpoint from seed s (skipped when
 ROOT/seed{s}/model exists, unless --rebuild), then run lasa_jax.toyworld.experiment with run
@@ -25,6 +25,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--root", default="runs/bench_toyworld")
     p.add_argument("--rebuild", action="store_true")
+    p.add_argument("--world-version", type=int, default=BuildConfig.world_version, choices=world.WORLD_VERSIONS)
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
     reports = {}
@@ -32,7 +33,7 @@ def main(argv=None) -> None:
         model = os.path.join(a.root, f"seed{s}", "model")
         t0 = time.time()
         if a.rebuild or not os.path.exists(os.path.join(model, "config.json")):
-            build(model, BuildConfig(seed=s))
+            build(model, BuildConfig(seed=s, world_version=a.world_version))
         build_s = time.time() - t0
         rep = experiment.run_experiment(model, os.path.join(a.root, f"seed{s}", "run"), seed=s)
         rep["seconds"]["build"] = round(build_s, 1)

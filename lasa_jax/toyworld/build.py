@@ -37,6 +37,7 @@ class BuildConfig:
     sft: TrainConfig = TrainConfig(steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20)
     seq_len_pretrain: int = 32
     seq_len_sft: int = 48
+    world_version: int = 1  # 2: the declared v2 world (see world.py's docstring)
 
 
 def world_tokenizer(seed: int):
@@ -51,21 +52,22 @@ def build(out: str, cfg: BuildConfig = BuildConfig(), *, log_every: int = 200, s
     from lasa_jax.models.config import to_hf_dict
     from lasa_jax.toyworld.export import write_data_files
 
+    world.check_version(cfg.world_version)
     t0 = time.time()
     tok = world_tokenizer(cfg.seed)
     model_cfg = tiny_model_config("llama", len(tok), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                                   num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                                   intermediate_size=cfg.intermediate_size)
-    docs = world.pretraining_corpus(cfg.seed, cfg.pretrain_docs)
+    docs = world.pretraining_corpus(cfg.seed, cfg.pretrain_docs, cfg.world_version)
     x, m = encode_documents(tok, docs, cfg.seq_len_pretrain)
     params = init_params(model_cfg, cfg.seed)
     params, pre_losses = train(model_cfg, params, x, m, cfg.pretrain, seed=cfg.seed, log_every=log_every, name="pretrain")
     t_pre = time.time() - t0
-    sft = world.sft_examples(cfg.seed, cfg.sft_examples)
+    sft = world.sft_examples(cfg.seed, cfg.sft_examples, cfg.world_version)
     x, m = encode_chats(tok, sft, cfg.seq_len_sft)
     params, sft_losses = train(model_cfg, params, x, m, cfg.sft, seed=cfg.seed + 1, log_every=log_every, name="sft")
 
-    measured = measure(model_cfg, params, tok, cfg.seed) if measure_sft else None
+    measured = measure(model_cfg, params, tok, cfg.seed, cfg.world_version) if measure_sft else None
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     hf = to_hf_dict(model_cfg, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -75,8 +77,8 @@ def build(out: str, cfg: BuildConfig = BuildConfig(), *, log_every: int = 200, s
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                    "pad_token_id": tok.pad_token_id, "do_sample": False}, f, indent=1)
-    write_data_files(os.path.join(tmp, "data"), cfg.seed)
-    info = {"seed": cfg.seed, "build_config": dataclasses.asdict(cfg), "vocab_size": len(tok),
+    write_data_files(os.path.join(tmp, "data"), cfg.seed, version=cfg.world_version)
+    info = {"seed": cfg.seed, "world_version": cfg.world_version, "build_config": dataclasses.asdict(cfg), "vocab_size": len(tok),
             "pretrain_loss_first_last": [pre_losses[0], float(np.mean(pre_losses[-50:]))],
             "sft_loss_first_last": [sft_losses[0], float(np.mean(sft_losses[-50:]))],
             "sft_model_per_language": measured,
@@ -89,23 +91,30 @@ def build(out: str, cfg: BuildConfig = BuildConfig(), *, log_every: int = 200, s
     return info
 
 
-def measure(model_cfg, params, tok, seed: int) -> dict:
-    """Per-language judgement of the tuned model's greedy replies on the evaluation split."""
+def measure(model_cfg, params, tok, seed: int, version: int = 1) -> dict:
+    """Per-language judgement of the tuned model's greedy replies on the evaluation split; for
+    v2 also with the refusal prefix forced ("with_prefix"), which is what LASA's gate does."""
+    from lasa_jax.data.kto_data import REFUSAL_PREFIX
     from lasa_jax.toyworld.export import eval_prompts
     from lasa_jax.toyworld.judge import ToyJudge, summarize
     from lasa_jax.toyworld.sample import greedy_replies
     prompts = eval_prompts(seed)
+    judge = ToyJudge(seed, version)
     replies = greedy_replies(model_cfg, params, tok, prompts)
-    judge = ToyJudge(seed)
-    return summarize(judge.judge(p, r) for p, r in zip(prompts, replies))
+    out = summarize(judge.judge(p, r) for p, r in zip(prompts, replies))
+    if version == 1:
+        return out
+    replies = greedy_replies(model_cfg, params, tok, prompts, prefix=REFUSAL_PREFIX)
+    return {"plain": out, "with_prefix": summarize(judge.judge(p, r) for p, r in zip(prompts, replies))}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world-version", type=int, default=BuildConfig.world_version, choices=world.WORLD_VERSIONS)
     a = p.parse_args(argv)
-    info = build(a.out, BuildConfig(seed=a.seed))
+    info = build(a.out, BuildConfig(seed=a.seed, world_version=a.world_version))
     print(json.dumps(info, indent=1))
 
 

@@ -77,9 +77,9 @@ def _read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def judge_generations(path: str, world_seed: int) -> dict[str, dict]:
+def judge_generations(path: str, world_seed: int, world_version: int = 1) -> dict[str, dict]:
     """model name in the file -> per-language summary (see judge.summarize)."""
-    judge = ToyJudge(world_seed)
+    judge = ToyJudge(world_seed, world_version)
     by_model: dict[str, list] = {}
     for rec in _read_jsonl(path):
         by_model.setdefault(rec["model"], []).append(judge.judge(rec["prompt"], rec["response"]))
@@ -89,18 +89,20 @@ def judge_generations(path: str, world_seed: int) -> dict[str, dict]:
 def run_experiment(model: str = TOY_MODEL, workdir: str = "runs/toy_experiment", *, seed: int = 0,
                    progress: bool = False) -> dict:
     with open(os.path.join(model, "toyworld.json")) as f:
-        world_seed = int(json.load(f)["seed"])
+        info = json.load(f)
+    # Checkpoints built before v2 carry no version: they are v1.
+    world_seed, world_version = int(info["seed"]), int(info.get("world_version", 1))
     t0 = time.time()
     seconds = {"lasa": run_stages(lasa_config(model, workdir, seed, progress)),
                "baseline": run_stages(baseline_config(model, workdir, seed, progress))}
-    lasa = judge_generations(os.path.join(workdir, "lasa", "evaluate", "generations.jsonl"), world_seed)
-    base = judge_generations(os.path.join(workdir, "baseline", "evaluate", "generations.jsonl"), world_seed)
+    lasa = judge_generations(os.path.join(workdir, "lasa", "evaluate", "generations.jsonl"), world_seed, world_version)
+    base = judge_generations(os.path.join(workdir, "baseline", "evaluate", "generations.jsonl"), world_seed, world_version)
     with open(os.path.join(workdir, "lasa", "bottleneck", "report.json")) as f:
         bn = json.load(f)
     with open(os.path.join(workdir, "lasa", "ssi", "report.json")) as f:
         ssi = json.load(f)
     report = {
-        "model": os.path.abspath(model), "world_seed": world_seed, "run_seed": seed,
+        "model": os.path.abspath(model), "world_seed": world_seed, "world_version": world_version, "run_seed": seed,
         "bottleneck": {"layer": bn["bottleneck_layer"], "num_layers": bn["num_layers"],
                        "relative_depth": bn["relative_depth"],
                        "curve": [{"layer": r["layer"], "s_sem": r["s_sem"], "s_lang": r["s_lang"],

@@ -31,9 +31,9 @@ def _by_class(queries, harmful):
     return [q for q in queries if q.harmful == harmful]
 
 
-def write_data_files(out_dir: str, seed: int, sizes: dict | None = None) -> dict[str, str]:
+def write_data_files(out_dir: str, seed: int, sizes: dict | None = None, version: int = 1) -> dict[str, str]:
     s = {**SIZES, **(sizes or {})}
-    langs = world.make_languages(seed)
+    langs = world.make_languages(seed, version)
     split = world.split_queries(seed)
     rng = random.Random(f"toyworld-export-{seed}")
     os.makedirs(out_dir, exist_ok=True)

@@ -41,13 +41,17 @@ def encode_documents(tokenizer, docs: Sequence[str], seq_len: int) -> tuple[np.n
 
 
 def encode_chats(tokenizer, examples: Sequence[dict], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Chat-templated user/assistant pairs; loss on the assistant turn (its text and <|eot_id|>)."""
+    """Chat-templated user/assistant pairs; loss on the assistant turn (its text and <|eot_id|>).
+    An example's optional `prefix` opens the assistant turn as input (no loss), laid out exactly
+    as LASA's evaluation writes it (`kto_data.assistant_prefix_text`)."""
+    from lasa_jax.data.kto_data import PREFIX_SEPARATOR, assistant_prefix_text
     rows, masks = [], []
     for ex in examples:
-        head = tokenizer.apply_chat_template([{"role": "user", "content": ex["prompt"]}],
-                                             add_generation_prompt=True, tokenize=False)
+        prefix = ex.get("prefix")
+        head = assistant_prefix_text(tokenizer, ex["prompt"], prefix)
+        content = prefix + PREFIX_SEPARATOR + ex["response"] if prefix else ex["response"]
         full = tokenizer.apply_chat_template([{"role": "user", "content": ex["prompt"]},
-                                              {"role": "assistant", "content": ex["response"]}], tokenize=False)
+                                              {"role": "assistant", "content": content}], tokenize=False)
         if not full.startswith(head):
             raise ValueError("chat template: the assistant turn does not extend the generation prompt")
         n_head = len(tokenizer(head, add_special_tokens=False)["input_ids"])
