@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from lasa_jax.lm import LanguageModel
+from lasa_jax.lm import LanguageModel, pad_batch
 from lasa_jax.sharding import to_host
 
 FEATURE_CONVENTIONS = {False: "last_real_token_raw_prompt", True: "last_real_token_chat_template"}
@@ -29,14 +29,14 @@ def extract_features(lm: LanguageModel, texts: Sequence[str], layers: Sequence[i
     layers = lm.check_layers(layers)
     if not texts:
         return np.zeros((len(layers), 0, lm.cfg.hidden_size), np.float32)
-    # Tokenising twice (once for lengths) is cheap next to the forward pass.
-    order = np.argsort([len(x) for x in lm.token_ids(texts, chat_template=chat_template)], kind="stable")
+    ids = lm.token_ids(texts, chat_template=chat_template, max_length=max_length)
+    order = np.argsort([len(x) for x in ids], kind="stable")
     out = np.zeros((len(layers), len(texts), lm.cfg.hidden_size), np.float32)
+    rows = _batch_rows(lm, batch_size)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc="features", disable=not progress, leave=False):
-        tokens, mask = lm.encode([texts[i] for i in idx], padding_side=padding_side,
-                                 chat_template=chat_template, max_length=max_length,
-                                 batch_multiple=_batch_rows(lm, batch_size))
+        tokens, mask = pad_batch([ids[i] for i in idx], lm.pad_id, padding_side=padding_side,
+                                 batch_multiple=rows)
         feats = to_host(lm.features(tokens, mask, layers))
         out[:, idx] = feats[:, :len(idx)]
     return out

@@ -107,13 +107,14 @@ class LanguageModel:
         """Tokenise raw prompts (the tokenizer's own special tokens kept, e.g. LLaMA's BOS) or
         chat-templated prompts. Lengths are padded to a power-of-two bucket (or a multiple of
         ``pad_to_multiple``) so that jit compiles only a handful of shapes."""
-        ids = self.token_ids(texts, chat_template=chat_template)
-        if max_length is not None:  # keep the end: the last token is what the feature reads
-            ids = [x[-max_length:] for x in ids]
+        ids = self.token_ids(texts, chat_template=chat_template, max_length=max_length)
         return pad_batch(ids, self.pad_id, padding_side=padding_side, pad_to_multiple=pad_to_multiple,
                          batch_multiple=batch_multiple or (shd.batch_multiple(self.mesh) if self.mesh else 1))
 
-    def token_ids(self, texts: Sequence[str], *, chat_template: bool = False) -> list[list[int]]:
+    def token_ids(self, texts: Sequence[str], *, chat_template: bool = False,
+                  max_length: int | None = None) -> list[list[int]]:
+        """Token ids of raw or chat-templated prompts; ``max_length`` keeps each prompt's end,
+        because the last token is what a feature reads."""
         if self.tokenizer is None:
             raise ValueError("this model was loaded without a tokenizer")
         if chat_template:
@@ -121,8 +122,10 @@ class LanguageModel:
             texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}],
                                                         tokenize=False, add_generation_prompt=True)
                      for t in texts]
-            return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return [self.tokenizer(t)["input_ids"] for t in texts]
+            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        else:
+            ids = [self.tokenizer(t)["input_ids"] for t in texts]
+        return ids if max_length is None else [x[-max_length:] for x in ids]
 
     @property
     def pad_id(self) -> int:
@@ -137,8 +140,7 @@ class LanguageModel:
     def _place(self, *arrays):
         if self.mesh is None:
             return tuple(jnp.asarray(a) for a in arrays)
-        placed = shd.put_batch({str(i): a for i, a in enumerate(arrays)}, self.mesh)
-        return tuple(placed[str(i)] for i in range(len(arrays)))
+        return tuple(shd.put_array(a, self.mesh) for a in arrays)
 
     @functools.cached_property
     def _logits_fn(self):

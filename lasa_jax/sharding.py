@@ -159,11 +159,13 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def put_array(v, mesh: Mesh) -> jax.Array:
+    """Place one host array (the same on every process) on the mesh, batch-sharded: each process
+    hands over only the rows its devices hold."""
+    v = np.asarray(v)
+    return jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim), lambda idx: v[idx])
+
+
 def put_batch(arrays: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-    """Place host batch arrays (the same on every process) on the mesh, batch-sharded."""
-    out = {}
-    for k, v in arrays.items():
-        v = np.asarray(v)
-        sharding = batch_sharding(mesh, v.ndim)
-        out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
-    return out
+    """``put_array`` for every entry of a dict of host batch arrays."""
+    return {k: put_array(v, mesh) for k, v in arrays.items()}
