@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from lasa_jax.lm import LanguageModel, pad_batch, round_up
 from lasa_jax.models.transformer import KVCache
+from lasa_jax.sharding import to_host
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +136,6 @@ def _generate_fn(lm: LanguageModel):
     return _GENERATE_FNS[lm.module]
 
 
-def _to_host(x) -> np.ndarray:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 def generate(lm: LanguageModel, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, key: jax.Array | None = None,
              eos_ids: Sequence[int] | None = None, batch_size: int = 16, pad_to_multiple: int = 64,
@@ -195,7 +189,7 @@ def generate(lm: LanguageModel, prompt_ids: Sequence[Sequence[int]], *, max_new_
         out, _ = fn(lm.params, tokens, mask, row_valid, row_ids, key, jnp.bool_(sample),
                     jnp.float32(temperature if sample else 1.0), jnp.float32(top_p), eos_arr,
                     jnp.int32(lm.pad_id), max_new_tokens=max_new_tokens)
-        out = _to_host(out)
+        out = to_host(out)
         for r, i in enumerate(idx):
             results[i] = _cut_at_eos(out[r], eos)
     return results  # type: ignore[return-value]
@@ -211,14 +205,7 @@ def encode_prompts(lm: LanguageModel, texts: Sequence[str], *, chat_template: bo
     """Token ids of ``texts``: as given (with the tokenizer's own special tokens unless
     ``add_special_tokens=False``, e.g. for text that a chat template already wrote), or wrapped
     as one user turn with the generation prompt."""
-    tok = lm.tokenizer
-    if tok is None:
-        raise ValueError("generate_text: this model was loaded without a tokenizer")
-    if chat_template:
-        texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                         add_generation_prompt=True) for t in texts]
-        add_special_tokens = False  # the template writes BOS itself
-    return [tok(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+    return lm.token_ids(texts, chat_template=chat_template, add_special_tokens=add_special_tokens)
 
 
 def generate_text(lm: LanguageModel, texts: Sequence[str], *, chat_template: bool = False,

@@ -112,9 +112,11 @@ class LanguageModel:
                          batch_multiple=batch_multiple or (shd.batch_multiple(self.mesh) if self.mesh else 1))
 
     def token_ids(self, texts: Sequence[str], *, chat_template: bool = False,
-                  max_length: int | None = None) -> list[list[int]]:
-        """Token ids of raw or chat-templated prompts; ``max_length`` keeps each prompt's end,
-        because the last token is what a feature reads."""
+                  add_special_tokens: bool = True, max_length: int | None = None) -> list[list[int]]:
+        """Token ids of raw prompts (with the tokenizer's own special tokens unless
+        ``add_special_tokens=False``, e.g. for text a chat template already wrote) or of
+        chat-templated prompts; ``max_length`` keeps each prompt's end, because the last token
+        is what a feature reads."""
         if self.tokenizer is None:
             raise ValueError("this model was loaded without a tokenizer")
         if chat_template:
@@ -124,7 +126,7 @@ class LanguageModel:
                      for t in texts]
             ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         else:
-            ids = [self.tokenizer(t)["input_ids"] for t in texts]
+            ids = [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
         return ids if max_length is None else [x[-max_length:] for x in ids]
 
     @property
