@@ -29,6 +29,7 @@ from lasa_jax import report as rep
 from lasa_jax.data.kto_data import REFUSAL_PREFIX, assistant_prefix_text
 from lasa_jax.generate import generate
 from lasa_jax.lm import LanguageModel
+from lasa_jax.ssi import load_for_model as load_ssi_for, score_prompts
 
 log = logging.getLogger("lasa_jax")
 
@@ -37,7 +38,6 @@ JUDGED = "judged.jsonl"
 REPORT = "report.json"
 FIGURE = "asr.png"
 EVAL_CONFIG = "eval_config.json"
-FEATURE_CHAT = "last_real_token_chat_template"
 
 
 # ------------------------------------------------------------------------------ SSI-gated inference
@@ -53,20 +53,6 @@ def build_prompts(lm: LanguageModel, prompts: Sequence[str], flags: Sequence[boo
     texts = [assistant_prefix_text(lm.tokenizer, p, REFUSAL_PREFIX if f else None)
              for p, f in zip(prompts, flags)]
     return [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-
-
-def score_prompts(lm: LanguageModel, artifact, prompts: Sequence[str], batch_size: int = 16,
-                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(probs, verdicts) of the SSI on ``lm``'s feature of each prompt, read the way the
-    artifact was trained (raw or chat-templated text, its layer); verdict = p > threshold."""
-    from lasa_jax.features import extract_features
-    if not prompts:
-        return np.zeros(0), np.zeros(0, bool)
-    feats = extract_features(lm, list(prompts), [artifact.layer], batch_size=batch_size,
-                             chat_template=artifact.meta["feature"] == FEATURE_CHAT,
-                             progress=progress)[0]
-    probs = artifact.probs(feats)
-    return probs, probs > artifact.threshold
 
 
 def respond(lm: LanguageModel, prompts: Sequence[str], languages: Sequence[str], artifact=None, *,
@@ -191,12 +177,6 @@ def _prompt_items(config) -> list[dict[str, str]]:
             for lang, text in q.texts.items():
                 items.append({"prompt_set": prompt_set, "qid": q.qid, "language": lang, "prompt": text})
     return items
-
-
-def load_ssi_for(lm: LanguageModel, ssi_dir: str):
-    from lasa_jax import ssi
-    return ssi.load_artifact(ssi_dir, model_fingerprint=lm.fingerprint,
-                             hidden_size=lm.cfg.hidden_size, num_layers=lm.cfg.num_layers)
 
 
 def run_evaluate(run) -> dict:

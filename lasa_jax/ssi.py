@@ -663,3 +663,29 @@ def plot_per_language(report: Mapping[str, Any], path: str) -> None:
     ax.legend(handles=handles, loc="upper center", fontsize=8, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring prompts with a model: the one path from raw prompts to SSI verdicts
+
+
+def load_for_model(lm, directory: str) -> SSIArtifact:
+    """The artifact in ``directory``, checked against the ``LanguageModel`` it will score with
+    (architecture fingerprint, width, layer range)."""
+    return load_artifact(directory, model_fingerprint=lm.fingerprint, hidden_size=lm.cfg.hidden_size,
+                         num_layers=lm.cfg.num_layers)
+
+
+def score_prompts(lm, artifact: SSIArtifact, prompts: Sequence[str], batch_size: int = 16,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(probs, verdicts) for raw prompts: ``lm``'s feature read the way the artifact was trained
+    (raw or chat-templated text, at its layer) through the shared feature function; verdict =
+    p > threshold. Batching and padding side do not change the scores."""
+    from lasa_jax.features import extract_features
+    if not prompts:
+        return np.zeros(0), np.zeros(0, bool)
+    feats = extract_features(lm, list(prompts), [artifact.layer], batch_size=batch_size,
+                             chat_template=artifact.meta["feature"] == FEATURE_KINDS[1],
+                             progress=progress)[0]
+    probs = artifact.probs(feats)
+    return probs, probs > artifact.threshold

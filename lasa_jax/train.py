@@ -73,15 +73,10 @@ def parse_source_probs(text: str) -> dict[str, float]:
 def ssi_verdicts(lm, prompts: Sequence[str], ssi_dir: str, *, batch_size: int = 16,
                  progress: bool = False) -> dict[str, bool]:
     """The SSI's verdict on each prompt's feature under ``lm`` (the base model), as inference reads it."""
-    from lasa_jax.features import FEATURE_CONVENTIONS, extract_features
-    from lasa_jax.ssi import load_artifact
-    art = load_artifact(ssi_dir, model_fingerprint=lm.fingerprint, hidden_size=lm.cfg.hidden_size,
-                        num_layers=lm.cfg.num_layers)
-    chat = art.meta["feature"] == FEATURE_CONVENTIONS[True]
+    from lasa_jax.ssi import load_for_model, score_prompts
     unique = sorted(set(prompts))
-    feats = extract_features(lm, unique, [art.layer], batch_size=batch_size, chat_template=chat,
-                             progress=progress)[0]
-    return dict(zip(unique, (bool(v) for v in art.verdicts(feats))))
+    _, verdicts = score_prompts(lm, load_for_model(lm, ssi_dir), unique, batch_size, progress)
+    return dict(zip(unique, (bool(v) for v in verdicts)))
 
 
 def make_items(pairs, acfg, *, seed: int, verdicts=None) -> list[KTOItem]:

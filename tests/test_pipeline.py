@@ -97,6 +97,9 @@ def test_bottleneck_then_ssi_end_to_end(tiny, texts, tmp_path):
     single = np.array([art.probs(extract_features(lm, [t], [art.layer], progress=False)[0])[0] for t in texts])
     np.testing.assert_allclose(batched["left"], single, atol=TOL, rtol=0)
     np.testing.assert_allclose(batched["right"], single, atol=TOL, rtol=0)
+    probs, flags = ssi.score_prompts(lm, art, texts, batch_size=8)  # the scoring API itself
+    np.testing.assert_allclose(probs, single, atol=TOL, rtol=0)
+    np.testing.assert_array_equal(flags, probs > art.threshold)
 
     # Stage 3's z_mode="ssi": each KTO item is conditioned on the SSI's verdict for its prompt.
     from lasa_jax.data.readers import KTOPair
