@@ -1,7 +1,8 @@
 """The toy world: all four LASA stages on the shipped toy checkpoint (lasa_jax/assets/toy_model).
 
 A tiny LLaMA-family model (d=64, 6 layers) pretrained from scratch on ten synthetic languages
-(high/mid/low resource tiers) and safety-tuned to refuse harmful intents in the high tier only.
+(high/mid/low resource tiers) and safety-tuned to refuse harmful intents in the high tier only;
+world v2 (lasa_jax/toyworld/world.py), whose SFT also teaches that the refusal prefix means "refuse".
 Runs on a CPU in a few minutes:
 
     python -m lasa_jax.main --config=configs/toy.py

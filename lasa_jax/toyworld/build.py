@@ -1,6 +1,6 @@
 """Regenerate the toy world and its checkpoint from a seed.
 
-    python -m lasa_jax.toyworld.build --out lasa_jax/assets/toy_model --seed 0
+    python -m lasa_jax.toyworld.build --out lasa_jax/assets/toy_model --seed 0 [--world-version 1]
 
 Writes an HF checkpoint directory (config.json, safetensors, word-level tokenizer with chat
 template, generation_config.json) plus `toyworld.json` (the seed, the sizes, the training losses)
@@ -37,7 +37,8 @@ class BuildConfig:
     sft: TrainConfig = TrainConfig(steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20)
     seq_len_pretrain: int = 32
     seq_len_sft: int = 48
-    world_version: int = 1  # 2: the declared v2 world (see world.py's docstring)
+    # The declared v2 world (world.py's docstring); world_version=1 rebuilds v1 bit for bit.
+    world_version: int = 2
 
 
 def world_tokenizer(seed: int):
