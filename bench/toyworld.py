@@ -6,7 +6,7 @@ For each seed s: build the world and checkpoint from seed s (skipped when
 ROOT/seed{s}/model exists, unless --rebuild), then run lasa_jax.toyworld.experiment with run
 seed s. Prints, per seed, the layer-wise S_sem - S_lang curve, the bottleneck's relative depth and
 the per-language ASR of base / baseline / LASA; then tier means across seeds. Writes
-ROOT/summary.json. On 2 shared CPU cores one seed takes roughly 15-25 minutes.
+ROOT/summary.json. On 2 shared CPU cores one seed takes roughly 5-10 minutes (build 4-7, stages 1-2).
 """
 from __future__ import annotations
 
