@@ -19,13 +19,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lasa_jax.atomic import atomic_write_text
 
 _HI = jax.lax.Precision.HIGHEST  # f32 matmuls must not drop to TF32/bf16 on accelerators
 _DRAW_BATCH_ELEMENTS = 1 << 25   # bound on B*N*Q floats held at once by the bootstrap
@@ -607,18 +608,6 @@ def _json_default(obj):
     raise TypeError(f"report.json: value of type {type(obj).__name__} is not JSON-serialisable")
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    # A crash mid-write must not leave a truncated report for the next stage to read.
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_outputs(
     outdir, report, features, layers, query_ids, languages, extra: dict | None = None,
     *, show_layers: Sequence[int] | None = None,
@@ -636,7 +625,7 @@ def write_outputs(
         "projection": os.path.join(outdir, "projection.png"),
     }
     text = json.dumps({**report, **extra}, indent=2, allow_nan=False, default=_json_default)
-    _atomic_write_text(paths["report"], text + "\n")
+    atomic_write_text(paths["report"], text + "\n")
     plot_silhouette(report, paths["silhouette"])
     if show_layers is None:
         show_layers = _default_show_layers(report)

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from lasa_jax.atomic import atomic_write, atomic_write_text
 from lasa_jax.lm import LanguageModel, pad_batch
 from lasa_jax.sharding import to_host
 
@@ -70,11 +71,10 @@ def cached_features(cache_dir: str | None, key_parts: dict, compute) -> np.ndarr
     if os.path.exists(path):
         return np.load(path, allow_pickle=False)
     feats = compute()
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.save(f, feats, allow_pickle=False)
-    os.replace(tmp, path)
-    with open(os.path.join(cache_dir, f"features-{key}.json"), "w") as f:
-        json.dump(key_parts, f, indent=2, sort_keys=True)
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, feats, allow_pickle=False)
+    atomic_write(path, write)
+    atomic_write_text(os.path.join(cache_dir, f"features-{key}.json"),
+                      json.dumps(key_parts, indent=2, sort_keys=True))
     return feats

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from lasa_jax import distributed
+from lasa_jax.atomic import atomic_write_text
 from lasa_jax.config import stages_of
 
 log = logging.getLogger("lasa_jax")
@@ -182,8 +183,7 @@ def run_ssi(run: Run) -> dict:
     out = run.stage_dir("ssi")
     if distributed.is_primary():
         ssi.save_artifact(out, artifact.params, artifact.meta)
-        with open(os.path.join(out, "report.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=2))
         ssi.plot_per_language(report, os.path.join(out, "per_language.png"))
         print(ssi.format_table(report))
     return report

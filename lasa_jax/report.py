@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lasa_jax.atomic import atomic_write_text
 from lasa_jax.data.refusals import LANGUAGES
 
 LABELS = ("unsafe", "safe", "invalid")
@@ -171,23 +171,6 @@ def plot_asr(report: Mapping[str, Any], path: str | os.PathLike):
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: str | os.PathLike, text: str) -> None:
-    # Temp file in the target directory + os.replace: readers never see a half-written file.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> None:
     """One JSON object per line, UTF-8, non-ASCII kept readable; written atomically."""
     lines = []
@@ -196,7 +179,7 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -
             lines.append(json.dumps(rec, ensure_ascii=False))
         except (TypeError, ValueError) as e:
             raise ValueError(f"write_jsonl {path}: record {i} is not JSON-serialisable: {e}") from None
-    _atomic_write(path, "".join(line + "\n" for line in lines))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -218,4 +201,4 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Pretty JSON (e.g. the aggregated report), written atomically."""
-    _atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")

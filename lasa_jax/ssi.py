@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
@@ -32,6 +31,8 @@ import ml_collections
 import numpy as np
 import optax
 from flax import traverse_util
+
+from lasa_jax.atomic import atomic_write
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "ssi.safetensors"
@@ -463,18 +464,6 @@ class SSIArtifact:
         return self.probs(features) > self.threshold
 
 
-def _atomic_write(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_artifact(directory: str, params, meta: Mapping[str, Any]) -> None:
     """Writes ssi.safetensors (names like "hidden.kernel", kernels (in, out)) and ssi.json.
 
@@ -491,13 +480,13 @@ def save_artifact(directory: str, params, meta: Mapping[str, Any]) -> None:
     flat = traverse_util.flatten_dict(params["params"], sep=".")
     tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in flat.items()}
     meta_json = json.dumps(_jsonable(dict(meta)), indent=2, sort_keys=True)
-    _atomic_write(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(tensors, p))
+    atomic_write(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(tensors, p))
 
     def write_json(p):
         with open(p, "w", encoding="utf-8") as f:
             f.write(meta_json + "\n")
 
-    _atomic_write(os.path.join(directory, META_FILE), write_json)
+    atomic_write(os.path.join(directory, META_FILE), write_json)
 
 
 def load_artifact(directory: str, *, model_fingerprint: str | None = None,

@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from lasa_jax.atomic import publish_dir
 from lasa_jax.models.checkpoint import save_params
 from lasa_jax.models.config import ModelConfig, RopeConfig, to_hf_dict
 from lasa_jax.models.transformer import Transformer
@@ -41,5 +42,4 @@ def make_tiny_checkpoint(directory: str, *, family: str = "llama", seed: int = 0
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                    "do_sample": False}, f)
-    os.replace(tmp, directory)
-    return directory
+    return publish_dir(tmp, directory)

@@ -15,11 +15,9 @@ module turns them into a run:
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from typing import Any, Sequence
@@ -32,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lasa_jax import distributed
 from lasa_jax import sharding as shd
+from lasa_jax.atomic import atomic_write, atomic_write_text
 from lasa_jax.data.kto_data import (DEFAULT_SOURCE_PROBS, REFUSAL_PREFIX, KTOItem, collate, encode_item,
                                     epoch_order, kl_pairs, pairs_to_items)
 from lasa_jax.kto import alignment_loss, completion_logps, kto_loss
@@ -434,9 +433,10 @@ def cached_reference(trainer: Trainer, ref_params, data: KTOBatches, out_dir: st
         return path
     items, kl = reference_logps(trainer, ref_params, data, progress=progress)
     if distributed.is_primary():
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, items=items, kl=kl)
-        os.replace(tmp, path)
+        def write(tmp):
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+                np.savez(f, items=items, kl=kl)
+        atomic_write(path, write)
     data.ref_logps, data.ref_kl_logps = items, kl
     return path
 
@@ -660,8 +660,7 @@ def run_align(run) -> dict:
                "final_margin": last_row.get("rewards/margins"), "checkpoints": ckpt_dir,
                "metrics": metrics_log.path, "reference": ref_path, "hf": hf_dir, "num_items": len(items)}
     if distributed.is_primary():
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
     return summary
 
 

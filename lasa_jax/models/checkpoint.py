@@ -22,6 +22,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lasa_jax.atomic import publish_dir
 from lasa_jax.models.config import ModelConfig
 from lasa_jax.sharding import to_host
 
@@ -361,10 +362,7 @@ def save_params(params: dict, cfg: ModelConfig, out_dir: str, *, source_dir: str
     config.pop("dtype", None)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    return publish_dir(tmp, out_dir)
 
 
 def weights_digest(path: str, sample_bytes: int = 1 << 16, samples: int = 16) -> str:

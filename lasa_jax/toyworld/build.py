@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from lasa_jax.atomic import publish_dir
 from lasa_jax.tiny import tiny_model_config
 from lasa_jax.toyworld import world
 from lasa_jax.toyworld.tokenizer import build_word_tokenizer, words_of
@@ -86,9 +87,7 @@ def build(out: str, cfg: BuildConfig = BuildConfig(), *, log_every: int = 200, s
             "seconds": {"pretrain": round(t_pre, 1), "total": round(time.time() - t0, 1)}}
     with open(os.path.join(tmp, "toyworld.json"), "w") as f:
         json.dump(info, f, indent=1)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish_dir(tmp, out)
     return info
 
 
