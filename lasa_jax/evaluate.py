@@ -23,7 +23,6 @@ import os
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 
 from lasa_jax import report as rep
 from lasa_jax.data.kto_data import REFUSAL_PREFIX, assistant_prefix_text

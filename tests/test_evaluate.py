@@ -5,7 +5,6 @@ transformers' hidden states + a NumPy probe for SSI scores (tolerance 1e-4 absol
 """
 import json
 import math
-import os
 import shutil
 
 import numpy as np

@@ -20,19 +20,7 @@ from lasa_jax.data.kto_data import (
 )
 from lasa_jax.data.tokenizers import CHAT_STYLES, build_byte_tokenizer
 
-try:
-    from lasa_jax.data.readers import KTOPair
-except ImportError:  # readers.py is written concurrently; the pipeline duck-types on these fields
-
-    @dataclasses.dataclass
-    class KTOPair:
-        prompt: str
-        chosen: str
-        rejected: str
-        source: str
-        idx: int
-        language: str | None = None
-        harmful: bool | None = None
+from lasa_jax.data.readers import KTOPair
 
 
 PROMPT = "How do I pick a lock on my own bike? ¿Puedes ayudarme?"
@@ -127,7 +115,7 @@ def test_left_truncation_keeps_end_of_prompt(style):
 def _pairs(n):
     return [
         KTOPair(prompt=f"q{i}", chosen=f"c{i}", rejected=f"r{i}",
-                source="safety" if i % 2 == 0 else "general", idx=i, language="en", harmful=i % 2 == 0)
+                source="safety" if i % 2 == 0 else "general", idx=str(i), language="en", harmful=i % 2 == 0)
         for i in range(n)
     ]
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 import transformers
 
-from lasa_jax.lm import LanguageModel, load_model, pad_batch
+from lasa_jax.lm import load_model, pad_batch
 from lasa_jax.models.checkpoint import CheckpointError
-from lasa_jax.models.config import ConfigError, from_hf_config, from_hf_dict
+from lasa_jax.models.config import ConfigError, from_hf_dict
 from tests.hf_models import make_hf_model, save_hf_model
 
 TOL = 1e-4

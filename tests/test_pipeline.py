@@ -15,7 +15,7 @@ from lasa_jax.config import base_config
 from lasa_jax.data.readers import FIXTURES_DIR, read_prompts
 from lasa_jax.features import extract_features
 from lasa_jax.lm import load_model
-from lasa_jax.pipeline import Run, run
+from lasa_jax.pipeline import run
 from lasa_jax.tiny import make_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

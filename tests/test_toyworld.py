@@ -1,6 +1,5 @@
 """The toy world: determinism of corpus and checkpoint, tokenizer round trip, exact judge, data
 files readable by the pipeline's readers. Small sizes, float32 on CPU."""
-import dataclasses
 import hashlib
 import os
 
@@ -163,7 +162,6 @@ def test_sft_loss_mask_covers_exactly_the_reply(tokenizer):
 def test_next_token_loss_matches_numpy(tokenizer):
     """The trainer's loss against a NumPy next-token cross-entropy on the model's own logits
     (float32, rtol 1e-5): guards the shift (position t scores token t from tokens < t)."""
-    import jax
     from lasa_jax.tiny import tiny_model_config
     from lasa_jax.models.transformer import Transformer
     from lasa_jax.toyworld.train import encode_chats, init_params, next_token_loss
