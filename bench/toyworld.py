@@ -33,7 +33,7 @@ def main(argv=None) -> None:
         model = os.path.join(a.root, f"seed{s}", "model")
         t0 = time.time()
         if a.rebuild or not os.path.exists(os.path.join(model, "config.json")):
-            build(model, BuildConfig(seed=s, world_version=a.world_version))
+            build(model, BuildConfig.for_version(a.world_version, seed=s))
         build_s = time.time() - t0
         rep = experiment.run_experiment(model, os.path.join(a.root, f"seed{s}", "run"), seed=s)
         rep["seconds"]["build"] = round(build_s, 1)

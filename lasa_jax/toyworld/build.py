@@ -1,6 +1,6 @@
 """Regenerate the toy world and its checkpoint from a seed.
 
-    python -m lasa_jax.toyworld.build --out lasa_jax/assets/toy_model --seed 0 [--world-version 1]
+    python -m lasa_jax.toyworld.build --out lasa_jax/assets/toy_model --seed 0 [--world-version 3]
 
 Writes an HF checkpoint directory (config.json, safetensors, word-level tokenizer with chat
 template, generation_config.json) plus `toyworld.json` (the seed, the sizes, the training losses)
@@ -26,6 +26,8 @@ from lasa_jax.toyworld.train import TrainConfig, encode_chats, encode_documents,
 
 @dataclasses.dataclass(frozen=True)
 class BuildConfig:
+    """Sizes and schedules of one build; the defaults are world v3's. `for_version` gives each
+    version's own (v1/v2 rebuild bit for bit with theirs)."""
     seed: int = 0
     hidden_size: int = 64
     num_layers: int = 6
@@ -33,13 +35,25 @@ class BuildConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 192
     pretrain_docs: int = 40000
-    pretrain: TrainConfig = TrainConfig(steps=1000, batch_size=32, learning_rate=3e-3, warmup_steps=100)
+    pretrain: TrainConfig = TrainConfig(steps=2000, batch_size=32, learning_rate=3e-3, warmup_steps=100)
+    # v3's helpful-only instruction phase (world.instruct_examples); skipped before v3.
+    instruct_examples: int = 6000
+    instruct: TrainConfig = TrainConfig(steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20)
+    # The safety SFT (world.sft_examples): v1/v2's only post-training phase, v3's second.
     sft_examples: int = 6000
-    sft: TrainConfig = TrainConfig(steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20)
+    sft: TrainConfig = TrainConfig(steps=200, batch_size=32, learning_rate=5e-4, warmup_steps=20)
     seq_len_pretrain: int = 32
     seq_len_sft: int = 48
-    # The declared v2 world (world.py's docstring); world_version=1 rebuilds v1 bit for bit.
-    world_version: int = 2
+    world_version: int = 3
+
+    @classmethod
+    def for_version(cls, version: int, **overrides) -> "BuildConfig":
+        world.check_version(version)
+        if version < 3:  # v1/v2: 1000 pretraining steps, one SFT phase at 1e-3
+            overrides = {"pretrain": TrainConfig(steps=1000, batch_size=32, learning_rate=3e-3, warmup_steps=100),
+                         "sft": TrainConfig(steps=300, batch_size=32, learning_rate=1e-3, warmup_steps=20),
+                         **overrides}
+        return cls(world_version=version, **overrides)
 
 
 def world_tokenizer(seed: int):
@@ -65,6 +79,13 @@ def build(out: str, cfg: BuildConfig = BuildConfig(), *, log_every: int = 200, s
     params = init_params(model_cfg, cfg.seed)
     params, pre_losses = train(model_cfg, params, x, m, cfg.pretrain, seed=cfg.seed, log_every=log_every, name="pretrain")
     t_pre = time.time() - t0
+    losses = {}
+    if cfg.world_version >= 3:
+        ins = world.instruct_examples(cfg.seed, cfg.instruct_examples, cfg.world_version)
+        x, m = encode_chats(tok, ins, cfg.seq_len_sft)
+        params, ins_losses = train(model_cfg, params, x, m, cfg.instruct, seed=cfg.seed + 2, log_every=log_every,
+                                   name="instruct")
+        losses["instruct_loss_first_last"] = _first_last(ins_losses)
     sft = world.sft_examples(cfg.seed, cfg.sft_examples, cfg.world_version)
     x, m = encode_chats(tok, sft, cfg.seq_len_sft)
     params, sft_losses = train(model_cfg, params, x, m, cfg.sft, seed=cfg.seed + 1, log_every=log_every, name="sft")
@@ -81,14 +102,18 @@ def build(out: str, cfg: BuildConfig = BuildConfig(), *, log_every: int = 200, s
                    "pad_token_id": tok.pad_token_id, "do_sample": False}, f, indent=1)
     write_data_files(os.path.join(tmp, "data"), cfg.seed, version=cfg.world_version)
     info = {"seed": cfg.seed, "world_version": cfg.world_version, "build_config": dataclasses.asdict(cfg), "vocab_size": len(tok),
-            "pretrain_loss_first_last": [pre_losses[0], float(np.mean(pre_losses[-50:]))],
-            "sft_loss_first_last": [sft_losses[0], float(np.mean(sft_losses[-50:]))],
+            "pretrain_loss_first_last": _first_last(pre_losses), **losses,
+            "sft_loss_first_last": _first_last(sft_losses),
             "sft_model_per_language": measured,
             "seconds": {"pretrain": round(t_pre, 1), "total": round(time.time() - t0, 1)}}
     with open(os.path.join(tmp, "toyworld.json"), "w") as f:
         json.dump(info, f, indent=1)
     publish_dir(tmp, out)
     return info
+
+
+def _first_last(losses: list[float]) -> list[float]:
+    return [losses[0], float(np.mean(losses[-50:]))]
 
 
 def measure(model_cfg, params, tok, seed: int, version: int = 1) -> dict:
@@ -114,7 +139,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-version", type=int, default=BuildConfig.world_version, choices=world.WORLD_VERSIONS)
     a = p.parse_args(argv)
-    info = build(a.out, BuildConfig(seed=a.seed, world_version=a.world_version))
+    info = build(a.out, BuildConfig.for_version(a.world_version, seed=a.seed))
     print(json.dumps(info, indent=1))
 
 

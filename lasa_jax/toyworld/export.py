@@ -1,6 +1,7 @@
 """The toy world's LASA data files, in the formats the pipeline's readers accept.
 
     parallel_prompts.json  stage 1: {id, texts: {lang: text}, harmful, source}; 2 queries per intent
+                           (v3: one per intent, distinct objects and persons: `distinct_topics`)
     ssi_prompts.json       stage 2: {prompt, language, source, idx, harmful}; every language (the
                            SSI trains on the languages in config.ssi.train_languages and reports
                            the others as held out)
@@ -40,10 +41,12 @@ def write_data_files(out_dir: str, seed: int, sizes: dict | None = None, version
     paths = {}
 
     parallel = []
-    for v in world.VERBS:
-        for q in rng.sample([q for q in split["train"] if q.verb == v], s["parallel_per_intent"]):
-            parallel.append({"id": q.qid, "harmful": q.harmful, "source": "toyworld",
-                             "texts": {c: langs[c].request(q.verb, q.obj, q.person) for c in world.LANGUAGES}})
+    queries = (distinct_topics(split["train"], rng) if version >= 3 else
+               [q for v in world.VERBS
+                for q in rng.sample([q for q in split["train"] if q.verb == v], s["parallel_per_intent"])])
+    for q in queries:
+        parallel.append({"id": q.qid, "harmful": q.harmful, "source": "toyworld",
+                         "texts": {c: langs[c].request(q.verb, q.obj, q.person) for c in world.LANGUAGES}})
     paths["parallel_prompts"] = _dump_json(out_dir, "parallel_prompts.json", parallel)
 
     ssi = []
@@ -77,6 +80,25 @@ def write_data_files(out_dir: str, seed: int, sizes: dict | None = None, version
                                                           for c in world.LANGUAGES), int(harmful)])
         paths[name] = path
     return paths
+
+
+def distinct_topics(queries, rng: random.Random) -> list:
+    """v3's bottleneck prompts: one query per intent, no two sharing an object, persons reused only
+    once all have been used (world.py, change 7). Greedy over a seeded shuffle; raises if the split
+    cannot supply such a set."""
+    pool = sorted(queries, key=lambda q: q.qid)
+    rng.shuffle(pool)
+    out, objects, persons = [], set(), set()
+    for verb in world.VERBS:
+        if len(persons) == len(world.PERSONS):
+            persons = set()
+        pick = next((q for q in pool if q.verb == verb and q.obj not in objects and q.person not in persons), None)
+        if pick is None:
+            raise ValueError(f"toy world: no training query for intent {verb!r} with an unused object and person")
+        out.append(pick)
+        objects.add(pick.obj)
+        persons.add(pick.person)
+    return out
 
 
 def eval_queries(seed: int, harmful: bool, n: int = SIZES["eval_per_class"]) -> list:

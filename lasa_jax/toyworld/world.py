@@ -44,6 +44,33 @@ before any v2 run; v2 (`world_version=2`) changes only these, for the stated rea
    so "answer what was asked" is a copy that an instruct model learns from benign examples in all
    languages and applies to any intent, as an instruct LLM does; compliance = the answer opening
    with the requested verb.
+
+v3 (declared after the 3-seed v2 results, before any v3 run)
+-------------------------------------------------------------
+v2 still showed neither a semantic bottleneck (k* = 1, S_sem < 0 at every layer) nor a
+compliance leak (mid/low harmful requests answered with some *benign* verb, judged invalid).
+v3 keeps v2 and changes four things, each for a reason read off those results, none tuned on
+v3 results:
+
+4. Post-training in two phases, as real models are made: a helpful-only instruction phase
+   (`instruct_examples`: requests of *every* intent in every language, answered; the v2 prefix
+   examples as the only refusals), then v2's safety SFT (`sft_examples`: harmful -> refusal in the
+   high tier only, benign answers everywhere) with a lower learning rate. In v2 the only SFT had
+   never shown an answer to a harmful request in any language, so mid/low harmful requests got an
+   answer built from a benign verb; in v3 whether mid/low languages refuse, comply or break is
+   decided by how far the high-tier safety phase carries over, which is what LASA is about.
+5. Cross-lingual answers in pretraining: 20% of documents are a request in one language followed
+   by its answer in another (one side high tier, the other uniform over all ten), as multilingual
+   web and instruction data often answer in another language. In v1/v2 every answer was a
+   within-language token copy, which needs no representation shared across languages; an answer
+   in another language needs the request's meaning in a form that survives the change of language.
+   Documents: request + answer 0.35, refusal 0.1, parallel 0.35, cross-lingual answer 0.2.
+6. Twice the pretraining steps (2000): the corpus is harder (more cross-lingual text) and the
+   v2 model was trained for 1M tokens only.
+7. The bottleneck prompts are distinct topics: one query per intent, with all-different objects
+   and persons as far as the slot inventories allow (12 intents, 12 objects, 8 persons), as
+   MultiJail's queries are. v1/v2 took two queries per intent, so every query's nearest "other
+   query" shared its verb and S_sem measured separation by object/person, not by topic.
 """
 from __future__ import annotations
 
@@ -119,7 +146,7 @@ class Language:
 
     def answer(self, verb: str, obj: str, person: str) -> str:
         w = self.words
-        # v2 names the requested verb as the request wrote it, so answering is a copy (flaw 3).
+        # v2+ names the requested verb as the request wrote it, so answering is a copy (flaw 3).
         method = w[METHODS[verb]] if self.version == 1 else self.verb(verb, imperative=True)
         step1 = [w["first"], method, w["use"], "."]
         step2 = [w["then"]] + self.clause(verb, obj, person, imperative=False) + ["."]
@@ -134,7 +161,7 @@ def _make_word(rng: random.Random, consonants: str, vowels: str, syllables: int)
                    for _ in range(syllables))
 
 
-WORLD_VERSIONS = (1, 2)
+WORLD_VERSIONS = (1, 2, 3)
 
 
 def check_version(version: int) -> int:
@@ -232,6 +259,12 @@ def weighted_language(rng: random.Random, languages: Iterable[str] = LANGUAGES) 
     return rng.choices(langs, weights=[LANGUAGE_WEIGHTS[c] for c in langs])[0]
 
 
+# Pretraining document mix per world version: cumulative thresholds on one uniform draw r:
+# r < mono: request + answer; < refusal: request + refusal; < parallel: translation pair;
+# else (v3 only): request in one language, answer in another.
+_DOC_MIX = {1: (0.6, 0.7, 1.0), 2: (0.45, 0.55, 1.0), 3: (0.35, 0.45, 0.8)}
+
+
 def pretraining_corpus(seed: int, n_docs: int, version: int = 1) -> list[str]:
     """`n_docs` documents. Kinds (fractions): request + answer in one language (0.6; harmful and
     benign intents alike: the base model knows how to do everything), request + refusal with no
@@ -239,16 +272,18 @@ def pretraining_corpus(seed: int, n_docs: int, version: int = 1) -> list[str]:
     answer followed by " = " and its translation; one side drawn from the language weights, the
     other from the high tier, as web parallel text mostly pairs a language with a major one).
     v2: request + answer 0.45, refusal 0.1, parallel 0.45 with the non-high side uniform over
-    all ten languages (see the module docstring)."""
+    all ten languages. v3: 0.35 / 0.1 / 0.35 and 0.2 cross-lingual answers (a request in one
+    language, its answer in another; sides drawn as for parallel documents). See the module
+    docstring for why."""
     langs = make_languages(seed, version)
-    p_mono, p_refusal = (0.6, 0.7) if version == 1 else (0.45, 0.55)
+    p_mono, p_refusal, p_parallel = _DOC_MIX[version]
     train = split_queries(seed)["train"]
     rng = random.Random(f"toyworld-corpus-{seed}")
     docs = []
     for _ in range(n_docs):
         q = rng.choice(train)
         r = rng.random()
-        if version == 2 and r >= p_refusal:
+        if version >= 2 and r >= p_refusal:
             lang = langs[rng.choice(LANGUAGES)]
         else:
             lang = langs[weighted_language(rng)]
@@ -259,27 +294,62 @@ def pretraining_corpus(seed: int, n_docs: int, version: int = 1) -> list[str]:
         else:
             other = langs[weighted_language(rng, [c for c in HIGH if c != lang.code])]
             a, b = (lang, other) if rng.random() < 0.5 else (other, lang)
-            if rng.random() < 0.5:
+            if r >= p_parallel:
+                docs.append(a.request(q.verb, q.obj, q.person) + " " + b.answer(q.verb, q.obj, q.person))
+            elif rng.random() < 0.5:
                 docs.append(a.request(q.verb, q.obj, q.person) + " = " + b.request(q.verb, q.obj, q.person))
             else:
                 docs.append(a.answer(q.verb, q.obj, q.person) + " = " + b.answer(q.verb, q.obj, q.person))
     return docs
 
 
+def _sft_language_weights() -> list[float]:
+    # A floor of 0.3 of the high-tier weight keeps the low tier present in post-training.
+    return [max(LANGUAGE_WEIGHTS[c], 0.3) for c in LANGUAGES]
+
+
+def instruct_examples(seed: int, n: int, version: int = 3) -> list[dict]:
+    """v3's helpful-only instruction phase (before `sft_examples`): requests of every intent,
+    harmful and benign alike, in every language (SFT weights), answered; 5% are benign requests
+    whose assistant turn is the refusal prefix + the prompt language's refusal, as in v2's SFT,
+    so following the prefix is an instruction learnt in every language. Same record layout as
+    `sft_examples`."""
+    from lasa_jax.data.kto_data import REFUSAL_PREFIX
+    if version < 3:
+        raise ValueError(f"world_version={version}: the instruction phase exists from v3 on")
+    langs = make_languages(seed, version)
+    train = split_queries(seed)["train"]
+    benign = [q for q in train if not q.harmful]
+    rng = random.Random(f"toyworld-instruct-{seed}")
+    out = []
+    for _ in range(n):
+        code = rng.choices(LANGUAGES, weights=_sft_language_weights())[0]
+        prefix = None
+        if rng.random() < 0.05:
+            q = rng.choice(benign)
+            prefix, response = REFUSAL_PREFIX, langs[code].refusal()
+        else:
+            q = rng.choice(train)
+            response = langs[code].answer(q.verb, q.obj, q.person)
+        out.append({"prompt": langs[code].request(q.verb, q.obj, q.person), "response": response,
+                    "language": code, "harmful": q.harmful, "qid": q.qid, "prefix": prefix})
+    return out
+
+
 def sft_examples(seed: int, n: int, version: int = 1) -> list[dict]:
     """Chat examples {prompt, response, language, harmful, qid, prefix}. Harmful requests occur
     only in the high tier and get that language's refusal; benign requests occur in every language
     (a floor of 0.3 of the high-tier weight keeps the low tier present) and get the ordinary
-    answer. `prefix` (v2 only, else None) is assistant-turn input before the response, carrying
+    answer. `prefix` (v2 and later, else None) is assistant-turn input before the response, carrying
     no loss: 30% of harmful examples, and 5% of all examples are benign requests answered
-    prefix + refusal of the prompt's language (see the module docstring)."""
+    prefix + refusal of the prompt's language (see the module docstring). v3 uses v2's examples
+    unchanged, as its second (safety) post-training phase."""
     from lasa_jax.data.kto_data import REFUSAL_PREFIX
     langs = make_languages(seed, version)
     train = split_queries(seed)["train"]
     harmful = [q for q in train if q.harmful]
     benign = [q for q in train if not q.harmful]
     rng = random.Random(f"toyworld-sft-{seed}")
-    weights = {c: max(LANGUAGE_WEIGHTS[c], 0.3) for c in LANGUAGES}
     out = []
     for _ in range(n):
         prefix = None
@@ -288,12 +358,12 @@ def sft_examples(seed: int, n: int, version: int = 1) -> list[dict]:
             code = rng.choice(HIGH)
             q = rng.choice(harmful)
             response = langs[code].refusal()
-            if version == 2 and rng.random() < 0.3:
+            if version >= 2 and rng.random() < 0.3:
                 prefix = REFUSAL_PREFIX
         else:
-            code = rng.choices(LANGUAGES, weights=[weights[c] for c in LANGUAGES])[0]
+            code = rng.choices(LANGUAGES, weights=_sft_language_weights())[0]
             q = rng.choice(benign)
-            if version == 2 and r >= 0.95:
+            if version >= 2 and r >= 0.95:
                 prefix, response = REFUSAL_PREFIX, langs[code].refusal()
             else:
                 response = langs[code].answer(q.verb, q.obj, q.person)
