@@ -16,8 +16,12 @@ import os
 import statistics
 import time
 
+from lasa_jax import report as rep
 from lasa_jax.toyworld import experiment, world
 from lasa_jax.toyworld.build import BuildConfig, build
+
+
+TIERS = tuple(world.TIERS)
 
 
 def main(argv=None) -> None:
@@ -35,23 +39,23 @@ def main(argv=None) -> None:
         if a.rebuild or not os.path.exists(os.path.join(model, "config.json")):
             build(model, BuildConfig.for_version(a.world_version, seed=s))
         build_s = time.time() - t0
-        rep = experiment.run_experiment(model, os.path.join(a.root, f"seed{s}", "run"), seed=s)
-        rep["seconds"]["build"] = round(build_s, 1)
-        reports[s] = rep
+        r = experiment.run_experiment(model, os.path.join(a.root, f"seed{s}", "run"), seed=s)
+        r["seconds"] = {"build": round(build_s, 1), "stages": r["seconds"]}
+        reports[s] = r
         print(f"\n## seed {s}\n")
-        print(experiment.format_report(rep))
-        print(f"seconds: {rep['seconds']}", flush=True)
+        print(experiment.format_report(r))
+        print(f"seconds: {r['seconds']}", flush=True)
 
     print("\n## across seeds\n")
     depths = [r["bottleneck"]["relative_depth"] for r in reports.values()]
     print("bottleneck relative depth per seed: " + ", ".join(f"{d:.2f}" for d in depths))
-    print("\n| model | metric | " + " | ".join(world.TIERS) + " |\n|---|---|" + "---|" * len(world.TIERS))
+    print("\n| model | metric | " + " | ".join(TIERS) + " |\n|---|---|" + "---|" * len(TIERS))
     summary = {"seeds": seeds, "relative_depth": depths, "tiers": {}}
     for m in experiment.MODELS:
-        for metric in ("asr", "benign_refusal_rate"):
+        for metric, _ in rep.SUMMARY_METRICS:
             cells = []
-            for t in world.TIERS:
-                vals = [experiment.tier_mean(r["per_language"][m], metric, t) for r in reports.values()]
+            for t in TIERS:
+                vals = [rep.tier_mean(r["evaluation"]["models"][m], metric, t) for r in reports.values()]
                 vals = [v for v in vals if v is not None]
                 mean = statistics.mean(vals) if vals else None
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0

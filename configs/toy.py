@@ -1,18 +1,16 @@
-"""The toy world: all four LASA stages on the shipped toy checkpoint (lasa_jax/assets/toy_model).
-
-A tiny LLaMA-family model (d=64, 6 layers) pretrained from scratch on ten synthetic languages
-(high/mid/low resource tiers) and safety-tuned to refuse harmful intents in the high tier only;
-world v2 (lasa_jax/toyworld/world.py), whose SFT also teaches that the refusal prefix means "refuse".
-Runs on a CPU in a few minutes:
+"""The embedded default: the four LASA stages and the baseline on the shipped toy checkpoint.
 
     python -m lasa_jax.main --config=configs/toy.py
-    python -m lasa_jax.toyworld.experiment     # base vs baseline vs LASA, judged exactly
 
-The synthetic languages carry MultiJail codes (en ... jv) as labels only, so the readers, tiers
-and reports work unchanged; they share nothing with the real languages but the resource tier.
-The pipeline's "refusal" judge knows no toy language, so the report it writes is meaningless
-here; lasa_jax.toyworld.judge re-judges evaluate/generations.jsonl exactly (the experiment
-command does this). Settings: lasa_jax/toyworld/config.py.
+The checkpoint (lasa_jax/assets/toy_model, ~2 MB) is a tiny LLaMA-family model (d=64, 6 layers)
+pretrained from scratch on ten synthetic languages (high/mid/low resource tiers), instruction
+tuned in every language and safety tuned to refuse harmful intents in the high tier only (world
+v3, lasa_jax/toyworld/world.py). The run prints the per-language ASR table of base vs baseline
+(plain KTO on the same pairs, no SSI or prefix) vs aligned (LASA), judged exactly by the world's
+own judge. The synthetic languages carry MultiJail codes (en ... jv) as labels only, so readers,
+tiers and reports work unchanged; they share nothing with the real languages but the tier.
+Rebuild the checkpoint: python -m lasa_jax.toyworld.build --out lasa_jax/assets/toy_model --seed 0
+Settings: lasa_jax/toyworld/config.py.
 """
 from lasa_jax.toyworld.config import toy_config
 

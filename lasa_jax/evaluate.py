@@ -88,17 +88,24 @@ def respond(lm: LanguageModel, prompts: Sequence[str], languages: Sequence[str],
 
 # ------------------------------------------------------------------------------ judging
 
+GUARDS = ("qwen3guard", "llamaguard")
+
+
 def make_eval_judge(name: str, *, guard_path: str = "", language_check: bool = True,
-                    batch_size: int = 16, guard_dtype: str = "bfloat16", mesh=None):
+                    batch_size: int = 16, guard_dtype: str = "bfloat16", mesh=None, model_path: str = ""):
     """The judge the config names. Guards are loaded from ``guard_path`` and decode greedily
-    with ``generate_text`` on the guard's own chat-templated prompts."""
+    with ``generate_text`` on the guard's own chat-templated prompts; ``toyworld`` is the exact
+    judge of the toy world whose checkpoint is ``model_path`` (its ``toyworld.json``)."""
     from lasa_jax import judges
     invalid = judges.InvalidDetector(check_language=language_check)
     if name == "refusal":
         return judges.RefusalJudge(invalid=invalid)
-    if name not in ("qwen3guard", "llamaguard"):
+    if name == "toyworld":
+        from lasa_jax.toyworld.judge import ToyJudge
+        return ToyJudge.for_checkpoint(model_path)
+    if name not in GUARDS:
         raise ValueError(f"config.evaluate.judge: unknown judge {name!r}; expected refusal, "
-                         "qwen3guard or llamaguard")
+                         "qwen3guard, llamaguard or toyworld")
     if not guard_path:
         raise ValueError(f"config.evaluate.guard_path: judge {name!r} needs a local guard checkpoint")
     from lasa_jax.generate import generate_text
@@ -130,6 +137,7 @@ def judge_and_report(out_dir: str, records: list[dict[str, Any]], judge, *, judg
         rep.plot_asr(report, os.path.join(out_dir, FIGURE))
         if print_table:
             print(rep.markdown_table(report))
+            print(rep.summary_table(report))
     return report
 
 
@@ -148,8 +156,9 @@ def rejudge(workdir: str, judge_name: str = "refusal", *, guard_path: str = "",
     if os.path.exists(cfg_path):
         with open(cfg_path, encoding="utf-8") as f:
             config = json.load(f)
+    model_path = ((config or {}).get("model") or {}).get("path") or ""
     judge = make_eval_judge(judge_name, guard_path=guard_path, language_check=language_check,
-                            batch_size=batch_size, guard_dtype=guard_dtype, mesh=mesh)
+                            batch_size=batch_size, guard_dtype=guard_dtype, mesh=mesh, model_path=model_path)
     return judge_and_report(out_dir, records, judge, judge_name=judge_name, config=config,
                             print_table=print_table)
 
@@ -194,6 +203,10 @@ def run_evaluate(run) -> dict:
         models.append(("aligned", aligned_path))
     else:
         log.warning("evaluate: %s not found; evaluating the base model only", aligned_path)
+    # The baseline stage's model (plain KTO, no SSI/prefix) is evaluated ungated whenever it exists.
+    baseline_path = os.path.join(run.workdir, "baseline", "hf")
+    if os.path.exists(os.path.join(baseline_path, "config.json")):
+        models.append(("baseline", baseline_path))
     if e.compare_base or not have_aligned:
         models.append(("base", None))
 
@@ -224,5 +237,5 @@ def run_evaluate(run) -> dict:
         rep.write_json(os.path.join(out_dir, EVAL_CONFIG), config)
     judge = make_eval_judge(e.judge, guard_path=e.guard_path, language_check=e.language_check,
                             batch_size=e.batch_size, guard_dtype=c.model.dtype,
-                            mesh=run.mesh if e.judge != "refusal" else None)
+                            mesh=run.mesh if e.judge in GUARDS else None, model_path=run.model_path)
     return judge_and_report(out_dir, records, judge, judge_name=e.judge, config=config)

@@ -10,7 +10,7 @@ import sys
 from absl import app, logging
 from ml_collections import config_flags
 
-_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "toy.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Run config file (configs/*.py).")
 _started = False
 

@@ -26,7 +26,10 @@ PROMPT_SETS = ("harmful", "benign")
 HARMFUL_METRICS = ("asr", "refusal_rate", "invalid_rate", "ssi_trigger_rate")
 BENIGN_METRICS = ("benign_refusal_rate", "benign_invalid_rate", "benign_ssi_trigger_rate")
 METRICS = HARMFUL_METRICS + BENIGN_METRICS
-_MODEL_ORDER = ("base", "aligned")
+_MODEL_ORDER = ("base", "baseline", "aligned")
+# The compact table: (metric, row label) pairs, one row per model each.
+SUMMARY_METRICS = (("asr", "ASR"), ("invalid_rate", "harmful invalid"), ("benign_refusal_rate", "benign refused"),
+                   ("benign_invalid_rate", "benign invalid"))
 
 
 def _validate(i: int, rec: Mapping[str, Any]) -> None:
@@ -132,6 +135,38 @@ def markdown_table(report: Mapping[str, Any]) -> str:
             cells += [_pct(c[k]) for k in HARMFUL_METRICS]
             cells += [str(c["n_benign"])] + [_pct(c[k]) for k in BENIGN_METRICS]
             lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def tier_mean(body: Mapping[str, Any], metric: str, tier: str) -> float | None:
+    """Unweighted mean of a metric over the report languages in a resource tier (high/mid/low)."""
+    vals = [c[metric] for lang, c in body["per_language"].items()
+            if c[metric] is not None and _tier_or_none(lang) == tier]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _tier_or_none(lang: str) -> str | None:
+    from lasa_jax.data.languages import UnknownLanguage, language_tier
+    try:
+        return language_tier(lang)
+    except UnknownLanguage:  # a language outside MultiJail's ten has no tier
+        return None
+
+
+def summary_table(report: Mapping[str, Any]) -> str:
+    """Languages as columns, then the high/mid/low tier means and the average; one row per
+    (metric, model) for ASR, invalid replies to harmful prompts, benign over-refusal and invalid
+    replies to benign prompts (%, rounded)."""
+    langs = list(report["languages"])
+    tiers = ("high", "mid", "low")
+    lines = ["| metric (%) | model | " + " | ".join(langs + list(tiers) + ["avg"]) + " |",
+             "|---|---|" + "---|" * (len(langs) + len(tiers) + 1)]
+    fmt = lambda v: "–" if v is None else f"{100 * v:.0f}"
+    for metric, label in SUMMARY_METRICS:
+        for model, body in report["models"].items():
+            cells = [body["per_language"][lang][metric] for lang in langs]
+            cells += [tier_mean(body, metric, t) for t in tiers] + [body["average"][metric]]
+            lines.append(f"| {label} | {model} | " + " | ".join(fmt(v) for v in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,9 +17,14 @@ def _align(run):
     return run_align(run)
 
 
+def _baseline(run):
+    from lasa_jax.train import run_baseline
+    return run_baseline(run)
+
+
 def _evaluate(run):
     from lasa_jax.evaluate import run_evaluate
     return run_evaluate(run)
 
 
-STAGES = {"bottleneck": _bottleneck, "ssi": _ssi, "align": _align, "evaluate": _evaluate}
+STAGES = {"bottleneck": _bottleneck, "ssi": _ssi, "align": _align, "baseline": _baseline, "evaluate": _evaluate}

@@ -531,17 +531,33 @@ def _row(step: int, data: KTOBatches, m: dict, lr: float, tokens: int, seconds: 
     }
 
 
-def run_align(run) -> dict:
-    """Stage 3: Latent-KTO fine-tuning of the base model; resumes from ``align/checkpoints``."""
+def baseline_align_config(a):
+    """The baseline's stage-3 settings: LASA's data, optimiser and steps with z = 0 for every item
+    (no refusal prefix anywhere) and no alignment term, i.e. plain KTO on the same pairs."""
+    import ml_collections
+    b = ml_collections.ConfigDict(a.to_dict())
+    b.z_mode, b.source_probs, b.lambda_align = "source", "safety=0.0,general=0.0", 0.0
+    return b
+
+
+def run_baseline(run) -> dict:
+    """The optional ``baseline`` stage: ``run_align`` with ``baseline_align_config``, into
+    ``WORKDIR/baseline`` (checkpoints, resume and export as for ``align``)."""
+    return run_align(run, stage="baseline")
+
+
+def run_align(run, stage: str = "align") -> dict:
+    """Stage 3: Latent-KTO fine-tuning of the base model; resumes from ``<stage>/checkpoints``."""
     from tqdm.auto import tqdm
     from lasa_jax.data.readers import read_kto_pairs
     from lasa_jax.models.checkpoint import weights_digest
     from lasa_jax.pipeline import bottleneck_layer, resolve_data_path
 
-    c, a = run.config, run.config.align
+    c = run.config
+    a = c.align if stage == "align" else baseline_align_config(c.align)
     if a.reference not in ("precomputed", "per_step"):
         raise ValueError(f"config.align.reference must be 'precomputed' or 'per_step', got {a.reference!r}")
-    out_dir = run.stage_dir("align")
+    out_dir = run.stage_dir(stage)
     lm = run.load(stage="align")
     pairs = read_kto_pairs(resolve_data_path(c.data.kto_pairs))
     verdicts = None
@@ -610,7 +626,7 @@ def run_align(run) -> dict:
     last_good = latest
     last_row: dict = {}
     every = max(int(a.checkpoint_every), 1)
-    bar = tqdm(total=total, initial=start, desc="align", disable=not (c.progress and distributed.is_primary()))
+    bar = tqdm(total=total, initial=start, desc=stage, disable=not (c.progress and distributed.is_primary()))
 
     def host_batch(s):
         host = data.host_batch(s)

@@ -124,6 +124,7 @@ def test_run_evaluate_end_to_end_and_rejudge(tiny, tmp_path, monkeypatch):
     path, lm = tiny
     workdir = tmp_path / "run"
     shutil.copytree(path, workdir / "align" / "hf")  # stands in for an aligned export
+    shutil.copytree(path, workdir / "baseline" / "hf")  # and for the baseline stage's export
     _random_artifact(lm, str(workdir / "ssi"), threshold=0.5)
     c = base_config()
     c.workdir = str(workdir)
@@ -141,15 +142,16 @@ def test_run_evaluate_end_to_end_and_rejudge(tiny, tmp_path, monkeypatch):
     for name in ("generations.jsonl", "judged.jsonl", "report.json", "asr.png"):
         assert (out / name).exists(), name
     gens = read_jsonl(out / "generations.jsonl")
-    # 2 models x 2 sets x 2 queries x 2 languages
-    assert len(gens) == 16
+    # 3 models x 2 sets x 2 queries x 2 languages
+    assert len(gens) == 24
     assert {(g["model"], g["prompt_set"]) for g in gens} == {
-        (m, s) for m in ("aligned", "base") for s in ("harmful", "benign")}
+        (m, s) for m in ("aligned", "baseline", "base") for s in ("harmful", "benign")}
     assert all(isinstance(g["ssi_flagged"], bool) for g in gens if g["model"] == "aligned")
-    assert all(g["ssi_flagged"] is None for g in gens if g["model"] == "base")
+    # The baseline is plain KTO: never SSI-gated, like the base model.
+    assert all(g["ssi_flagged"] is None for g in gens if g["model"] in ("base", "baseline"))
     assert all(0 < g["n_new_tokens"] <= 8 for g in gens)
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk["models"].keys() == report["models"].keys() == {"aligned", "base"}
+    assert list(on_disk["models"]) == list(report["models"]) == ["base", "baseline", "aligned"]
     assert on_disk["languages"] == ["en", "zh"] and on_disk["judge"] == "refusal"
     assert on_disk["config"]["evaluate"]["max_new_tokens"] == 8
 
@@ -161,7 +163,7 @@ def test_run_evaluate_end_to_end_and_rejudge(tiny, tmp_path, monkeypatch):
     write_jsonl(out / "generations.jsonl", gens)
     again = ev.rejudge(str(workdir), "refusal", language_check=False, print_table=False)
     judged = read_jsonl(out / "judged.jsonl")
-    assert len(judged) == 16
+    assert len(judged) == 24
     assert judged[0]["label"] == "safe" and judged[0]["refused"] is True
     assert judged[1]["label"] == "invalid"
     assert again["config"]["evaluate"]["max_new_tokens"] == 8

@@ -139,6 +139,20 @@ def test_markdown_table(rep):
     assert "| th | base | 3 | 100.0% | 0.0% | 0.0% | – | 0 | – | – | – |" in lines
 
 
+def test_summary_table_tier_means():
+    """Tier columns are unweighted means over the languages of each MultiJail tier present
+    (worked by hand: high = mean(en 0, zh 50) = 25, mid = th 100, low: no language -> –);
+    a language outside MultiJail ("xx") enters only the average (mean of 0, 50, 100, 100 = 62.5 -> 62)."""
+    recs = [R("m", "en", "harmful", "safe", True), R("m", "zh", "harmful", "unsafe", False),
+            R("m", "zh", "harmful", "safe", True), R("m", "th", "harmful", "unsafe", False),
+            R("m", "xx", "harmful", "unsafe", False)]
+    lines = report.summary_table(report.aggregate(recs)).strip().splitlines()
+    assert lines[0] == "| metric (%) | model | en | zh | th | xx | high | mid | low | avg |"
+    assert "| ASR | m | 0 | 50 | 100 | 100 | 25 | 100 | – | 62 |" in lines
+    assert "| benign refused | m | – | – | – | – | – | – | – | – |" in lines
+    assert len(lines) == 2 + len(report.SUMMARY_METRICS)
+
+
 def test_plot_asr(rep, tmp_path):
     path = tmp_path / "figs" / "asr.png"
     fig = report.plot_asr(rep, path)

@@ -378,3 +378,18 @@ def test_loss_falls_and_margin_rises_over_50_steps(tiny, pairs_file, tmp_path):
     margin = np.array([r["rewards/margins"] for r in rows])
     assert loss[-5:].mean() < loss[:5].mean() - 0.05 and kto[-5:].mean() < kto[:5].mean() - 0.05
     assert margin[-5:].mean() > margin[:5].mean() + 0.1 and margin[-1] > 0
+
+
+def test_baseline_items_are_lasa_items_without_the_prefix(pairs_file):
+    """The baseline stage trains on LASA's items (same prompts, completions, labels, order) with
+    z = 0 everywhere, and without the alignment term, whatever the run's align settings."""
+    c = make_config("unused", "", pairs_file, source_probs="safety=1.0,general=0.0", lambda_align=0.5)
+    pairs = read_kto_pairs(pairs_file)
+    lasa = train.make_items(pairs, c.align, seed=0)
+    b = train.baseline_align_config(c.align)
+    base = train.make_items(pairs, b, seed=0)
+    assert any(it.z for it in lasa) and not any(it.z for it in base)
+    strip = lambda items: [(it.prompt, it.completion, it.desirable, it.source) for it in items]
+    assert strip(lasa) == strip(base)
+    assert b.lambda_align == 0.0 and c.align.lambda_align == 0.5  # the run's config is untouched
+    assert b.learning_rate == c.align.learning_rate and b.epochs == c.align.epochs

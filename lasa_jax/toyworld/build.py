@@ -126,11 +126,11 @@ def measure(model_cfg, params, tok, seed: int, version: int = 1) -> dict:
     prompts = eval_prompts(seed)
     judge = ToyJudge(seed, version)
     replies = greedy_replies(model_cfg, params, tok, prompts)
-    out = summarize(judge.judge(p, r) for p, r in zip(prompts, replies))
+    out = summarize(judge.judge_one(p, r) for p, r in zip(prompts, replies))
     if version == 1:
         return out
     replies = greedy_replies(model_cfg, params, tok, prompts, prefix=REFUSAL_PREFIX)
-    return {"plain": out, "with_prefix": summarize(judge.judge(p, r) for p, r in zip(prompts, replies))}
+    return {"plain": out, "with_prefix": summarize(judge.judge_one(p, r) for p, r in zip(prompts, replies))}
 
 
 def main(argv=None) -> None:

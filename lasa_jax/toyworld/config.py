@@ -9,12 +9,13 @@ TOY_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 
 def toy_config(model_path: str = TOY_MODEL, workdir: str = "runs/toy"):
-    """All four stages on a toy checkpoint. Data files are the ones written next to the
-    checkpoint (`<model>/data/`). Stage-3 settings are scaled for a ~0.3M-parameter model
-    (lr 3e-4 rather than 1e-6, 2 epochs of 640 items) and were fixed before any
-    evaluation-language result was seen."""
+    """All four stages and the baseline on a toy checkpoint, judged exactly (evaluate.judge =
+    "toyworld"). Data files are the ones written next to the checkpoint (`<model>/data/`).
+    Stage-3 settings are scaled for a ~0.3M-parameter model (lr 3e-4 rather than 1e-6, 2 epochs
+    of 640 items) and were fixed before any evaluation-language result was seen."""
     c = base_config()
     c.workdir = workdir
+    c.stages = "bottleneck,ssi,align,baseline,evaluate"
     c.model.path = model_path
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
@@ -39,4 +40,5 @@ def toy_config(model_path: str = TOY_MODEL, workdir: str = "runs/toy"):
     c.evaluate.max_new_tokens = 24
     c.evaluate.batch_size = 64
     c.evaluate.language_check = False  # lingua knows no synthetic language
+    c.evaluate.judge = "toyworld"
     return c
