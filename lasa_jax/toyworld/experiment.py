@@ -1,6 +1,6 @@
 """Base vs baseline vs LASA on a toy checkpoint: the toy config's pipeline run, condensed.
 
-    python -m lasa_jax.toyworld.experiment [--model DIR] [--workdir runs/toy_experiment] [--seed 0]
+    python -m lasa_jax.toyworld.experiment [--model DIR] [--workdir runs/toy_experiment] [--seed 0] [--feature-text raw]
 
 Runs `toy_config` (the same run as configs/toy.py) on the given checkpoint: bottleneck, SSI on
 the high tier at k*, Latent KTO (align.z_mode = "source", safety items conditioned with
@@ -31,10 +31,12 @@ def _read(workdir: str, stage: str) -> dict:
 
 
 def run_experiment(model: str = TOY_MODEL, workdir: str = "runs/toy_experiment", *, seed: int = 0,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, feature_text: str = "raw") -> dict:
+    """`feature_text` is config.data.feature_text: "raw" (the specification's prompt feature, the
+    toy config's) or "chat" (read at the end of the chat-templated prompt), for every stage."""
     from lasa_jax import pipeline
     c = toy_config(model, workdir)
-    c.seed, c.progress = seed, progress
+    c.seed, c.progress, c.data.feature_text = seed, progress, feature_text
     t0 = time.time()
     pipeline.run(c)
     with open(os.path.join(model, "toyworld.json"), encoding="utf-8") as f:
@@ -42,7 +44,7 @@ def run_experiment(model: str = TOY_MODEL, workdir: str = "runs/toy_experiment",
     bn, ssi, ev = (_read(workdir, s) for s in ("bottleneck", "ssi", "evaluate"))
     report = {
         "model": os.path.abspath(model), "world_seed": int(info["seed"]),
-        "world_version": int(info.get("world_version", 1)), "run_seed": seed,
+        "world_version": int(info.get("world_version", 1)), "run_seed": seed, "feature_text": feature_text,
         "bottleneck": {"layer": bn["bottleneck_layer"], "num_layers": bn["num_layers"],
                        "relative_depth": bn["relative_depth"],
                        "curve": [{"layer": r["layer"], "s_sem": r["s_sem"], "s_lang": r["s_lang"],
@@ -79,8 +81,9 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=TOY_MODEL)
     p.add_argument("--workdir", default="runs/toy_experiment")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--feature-text", default="raw", choices=("raw", "chat"))
     a = p.parse_args(argv)
-    report = run_experiment(a.model, a.workdir, seed=a.seed, progress=True)
+    report = run_experiment(a.model, a.workdir, seed=a.seed, progress=True, feature_text=a.feature_text)
     print(format_report(report))
     print(f"\n{a.workdir}/toy_report.json; {report['seconds']} s")
 
