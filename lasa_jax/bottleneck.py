@@ -94,9 +94,16 @@ def _normalise(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(norm, jnp.finfo(x.dtype).tiny)
 
 
+# Mean cosine distances below this are float32 rounding of 1 - cos for identical directions
+# (e.g. every prompt's layer-0 feature when all prompts end in the same token): the silhouette is
+# then 0, as sklearn gives for exactly identical points, not a +-1 made of rounding noise.
+_DEGENERATE = 1e-6
+
+
 def _ratio(a: jax.Array, b: jax.Array) -> jax.Array:
     top = jnp.maximum(a, b)
-    return jnp.where(top > 0, (b - a) / jnp.where(top > 0, top, 1.0), 0.0)
+    ok = top > _DEGENERATE
+    return jnp.where(ok, (b - a) / jnp.where(ok, top, 1.0), 0.0)
 
 
 def _cluster_cos_sums(x: jax.Array, onehot: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -87,6 +87,20 @@ def test_silhouette_singletons_and_arbitrary_hashable_labels():
                                                        metric="cosine")) < TOL
 
 
+def test_identical_features_have_silhouette_zero_like_sklearn():
+    """Every prompt with the same feature (layer 0 when all prompts end in one token, 12 queries
+    x 10 languages): sklearn gives exactly 0; float32 rounding of 1 - cos must not turn that into
+    a +-1 of noise (it did for some rows before the degenerate-distance guard). Abs tol 0."""
+    qid, lang = [i % 12 for i in range(120)], [i // 12 for i in range(120)]
+    for d in (24, 64):
+        for seed in range(5):
+            x = np.tile(np.random.default_rng(seed).normal(size=d).astype(np.float32), (120, 1))
+            assert sk_score(x.astype(np.float64), qid, metric="cosine") == 0.0
+            m = bn.layer_metrics(np.stack([x, x]), qid, lang)
+            assert np.all(np.asarray(m["s_sem"]) == 0.0) and np.all(np.asarray(m["s_lang"]) == 0.0), (d, seed)
+            assert np.all(np.asarray(bn.silhouette_samples(x, qid)) == 0.0), (d, seed)
+
+
 @pytest.mark.parametrize("labels", [[0] * 10, list(range(10))])
 def test_silhouette_rejects_invalid_label_counts(labels):
     with pytest.raises(ValueError, match="labels: silhouette needs 2 <="):
