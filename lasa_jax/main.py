@@ -1,4 +1,5 @@
-"""Command line: ``python -m lasa_jax.main --config=configs/tiny.py [--config.FIELD=VALUE ...]``.
+"""Command line: ``python -m lasa_jax.main [--config=configs/toy.py] [--config.FIELD=VALUE ...]``
+(the default config is configs/toy.py, the toy world).
 
 Bad input (an unknown config field, a malformed data file, a checkpoint that does not match its
 config, a request that cannot fit) ends the run with one line naming the file or field; set
