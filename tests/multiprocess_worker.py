@@ -1,5 +1,7 @@
 """One process of the 2-process test: joins jax.distributed on loopback, loads a checkpoint
-sharded over all 8 global devices (4 local), writes the gathered features (process 0 only)."""
+sharded over all 8 global devices (4 local), writes the gathered features and greedy
+generations (process 0 only)."""
+import json
 import os
 import sys
 
@@ -32,9 +34,15 @@ def main(checkpoint, port, process_id, out):
     # The stage path: tokenise, length-sort, batch, gather across hosts.
     texts = [line.strip() for line in open(os.path.join(os.path.dirname(checkpoint), "texts.txt"))]
     staged = extract_features(lm, texts, [0, 2, 3], batch_size=8, progress=False)
+    # The evaluate stage's decoding: prefill + while_loop over the sharded KV cache, chat template.
+    from lasa_jax.generate import encode_prompts, generate
+    ids = generate(lm, encode_prompts(lm, texts[:8], chat_template=True), max_new_tokens=12, batch_size=8,
+                   progress=False)
     if jax.process_index() == 0:
         np.save(out, np.asarray(feats))
         np.save(out.replace(".npy", "_staged.npy"), staged)
+        with open(out.replace(".npy", "_generated.json"), "w") as f:
+            json.dump([list(map(int, row)) for row in ids], f)
     jax.distributed.shutdown()
 
 

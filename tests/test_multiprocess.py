@@ -1,5 +1,7 @@
 """Two local processes (4 simulated CPU devices each) joined by jax.distributed on loopback load
-one checkpoint sharded across both and produce the single-process features (float32, 1e-5)."""
+one checkpoint sharded across both and produce the single-process features (float32, 1e-5) and
+the single-process greedy generations (token for token)."""
+import json
 import os
 import socket
 import subprocess
@@ -55,3 +57,9 @@ def test_two_processes_match_single_process(tmp_path):
     texts = (tmp_path / "texts.txt").read_text().split("\n")
     single = extract_features(lm, texts, [0, 2, 3], batch_size=8, progress=False)
     np.testing.assert_allclose(np.load(out.replace(".npy", "_staged.npy")), single, atol=1e-5, rtol=0)
+    from lasa_jax.generate import encode_prompts, generate
+    want = generate(lm, encode_prompts(lm, texts[:8], chat_template=True), max_new_tokens=12, batch_size=8,
+                    progress=False)
+    got = json.loads((tmp_path / "feats_generated.json").read_text())
+    assert got == [list(map(int, row)) for row in want]
+    assert any(len(row) > 0 for row in got)
