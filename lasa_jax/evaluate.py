@@ -178,7 +178,7 @@ def _prompt_items(config) -> list[dict[str, str]]:
             if prompt_set == "harmful":
                 raise ValueError("config.data.eval_harmful: empty; the evaluation needs harmful prompts")
             continue
-        queries = read_parallel(resolve_data_path(value), langs)
+        queries = read_parallel(resolve_data_path(value, config.model.path), langs)
         if config.evaluate.max_prompts:
             queries = queries[:config.evaluate.max_prompts]
         for q in queries:

@@ -19,13 +19,20 @@ from lasa_jax.config import stages_of
 
 log = logging.getLogger("lasa_jax")
 FIXTURE_PREFIX = "fixtures:"
+MODEL_PREFIX = "model:"
 
 
-def resolve_data_path(path: str) -> str:
-    """``fixtures:NAME`` names a file shipped in lasa_jax/data/fixtures; anything else is a path."""
+def resolve_data_path(path: str, model_path: str = "") -> str:
+    """``fixtures:NAME`` names a file shipped in lasa_jax/data/fixtures, ``model:NAME`` a file
+    inside the model directory (``config.model.path``: data that travels with its checkpoint, as
+    the toy world's does); anything else is a path."""
     if path.startswith(FIXTURE_PREFIX):
         from lasa_jax.data.readers import FIXTURES_DIR
         path = os.path.join(FIXTURES_DIR, path[len(FIXTURE_PREFIX):])
+    elif path.startswith(MODEL_PREFIX):
+        if not model_path:
+            raise ValueError(f"config.data: {path!r} is relative to config.model.path, which is empty")
+        path = os.path.join(model_path, path[len(MODEL_PREFIX):])
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: data file not found")
     return path
@@ -121,7 +128,7 @@ def run_bottleneck(run: Run) -> dict:
     from lasa_jax.data.readers import read_parallel
     from lasa_jax.features import cached_features, extract_features
     c = run.config
-    path = resolve_data_path(c.data.parallel_prompts)
+    path = resolve_data_path(c.data.parallel_prompts, c.model.path)
     queries = read_parallel(path, languages_of(c))
     if c.bottleneck.max_queries:
         queries = queries[:c.bottleneck.max_queries]
@@ -168,7 +175,7 @@ def run_ssi(run: Run) -> dict:
     lm = run.base
     layer = bottleneck_layer(run, c.ssi.layer)
     lm.check_layers([layer])
-    path = resolve_data_path(c.data.ssi_prompts)
+    path = resolve_data_path(c.data.ssi_prompts, c.model.path)
     prompts = read_prompts(path)
     chat = c.data.feature_text == "chat"
     key = feature_cache_key(lm, path, [layer], c.data.feature_text)

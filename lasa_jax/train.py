@@ -510,7 +510,8 @@ class _MetricsLog:
 def _load_queries(run):
     from lasa_jax.data.readers import read_parallel
     from lasa_jax.pipeline import languages_of, resolve_data_path
-    return read_parallel(resolve_data_path(run.config.data.parallel_prompts), languages_of(run.config))
+    return read_parallel(resolve_data_path(run.config.data.parallel_prompts, run.config.model.path),
+                         languages_of(run.config))
 
 
 def _row(step: int, data: KTOBatches, m: dict, lr: float, tokens: int, seconds: float, peak,
@@ -559,7 +560,7 @@ def run_align(run, stage: str = "align") -> dict:
         raise ValueError(f"config.align.reference must be 'precomputed' or 'per_step', got {a.reference!r}")
     out_dir = run.stage_dir(stage)
     lm = run.load(stage="align")
-    pairs = read_kto_pairs(resolve_data_path(c.data.kto_pairs))
+    pairs = read_kto_pairs(resolve_data_path(c.data.kto_pairs, c.model.path))
     verdicts = None
     if a.z_mode == "ssi":
         verdicts = ssi_verdicts(lm, [p.prompt for p in pairs], os.path.join(run.workdir, "ssi"),

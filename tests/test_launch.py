@@ -77,7 +77,7 @@ def test_slurm_script_builds_one_process_per_node(tmp_path):
     log = tmp_path / "srun.log"
     _stub(bin_dir, "scontrol", 'printf "gpu-node-07\\ngpu-node-08\\n"\n')
     # A fake srun that runs the task command as 2 tasks, like Slurm would, with SLURM_PROCID set.
-    _stub(bin_dir, "srun", f"""
+    _stub(bin_dir, "srun", """
 while [[ "$1" == --* ]]; do shift; done
 for id in 0 1; do SLURM_PROCID=$id "$@"; done
 """)

@@ -382,3 +382,22 @@ def test_default_toy_run_end_to_end(tmp_path):
     assert align["steps"] == base["steps"] == 4 and align["num_items"] == base["num_items"]
     base_high = [g for g in gens if g["model"] == "base" and g["prompt_set"] == "harmful" and g["language"] in world.HIGH]
     assert base_high and all(g["refused"] for g in base_high)
+
+
+def test_toy_config_reads_data_from_its_model_directory(tmp_path):
+    """`model:NAME` data paths resolve inside config.model.path, so pointing the toy config at
+    another toy build uses that build's data; a missing file or an empty model path is a one-line
+    error naming it."""
+    from lasa_jax.pipeline import resolve_data_path
+    from lasa_jax.toyworld.config import toy_config
+    model = tmp_path / "seed7"
+    (model / "data").mkdir(parents=True)
+    (model / "data" / "kto_pairs.json").write_text("[]")
+    c = toy_config(str(model))
+    fields = ("parallel_prompts", "ssi_prompts", "kto_pairs", "eval_harmful", "eval_benign")
+    assert all(c.data[f].startswith("model:data/") for f in fields)
+    assert resolve_data_path(c.data.kto_pairs, c.model.path) == str(model / "data" / "kto_pairs.json")
+    with pytest.raises(FileNotFoundError, match=r"seed7/data/ssi_prompts.json: data file not found"):
+        resolve_data_path(c.data.ssi_prompts, c.model.path)
+    with pytest.raises(ValueError, match="relative to config.model.path, which is empty"):
+        resolve_data_path(c.data.kto_pairs, "")

@@ -10,7 +10,7 @@ TOY_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 
 def toy_config(model_path: str = TOY_MODEL, workdir: str = "runs/toy"):
     """All four stages and the baseline on a toy checkpoint, judged exactly (evaluate.judge =
-    "toyworld"). Data files are the ones written next to the checkpoint (`<model>/data/`).
+    "toyworld"). Data files are the ones written into the checkpoint (`<model>/data/`).
     Stage-3 settings are scaled for a ~0.3M-parameter model (lr 3e-4 rather than 1e-6, 2 epochs
     of 640 items) and were fixed before any evaluation-language result was seen."""
     c = base_config()
@@ -19,12 +19,12 @@ def toy_config(model_path: str = TOY_MODEL, workdir: str = "runs/toy"):
     c.model.path = model_path
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
-    data = os.path.join(model_path, "data")
-    c.data.parallel_prompts = os.path.join(data, "parallel_prompts.json")
-    c.data.ssi_prompts = os.path.join(data, "ssi_prompts.json")
-    c.data.kto_pairs = os.path.join(data, "kto_pairs.json")
-    c.data.eval_harmful = os.path.join(data, "eval_harmful.csv")
-    c.data.eval_benign = os.path.join(data, "eval_benign.csv")
+    # Relative to the model directory, so --config.model.path=<another toy build> brings its own data.
+    c.data.parallel_prompts = "model:data/parallel_prompts.json"
+    c.data.ssi_prompts = "model:data/ssi_prompts.json"
+    c.data.kto_pairs = "model:data/kto_pairs.json"
+    c.data.eval_harmful = "model:data/eval_harmful.csv"
+    c.data.eval_benign = "model:data/eval_benign.csv"
     c.data.languages = "en,zh,it,vi,ar,ko,th,bn,sw,jv"
     c.bottleneck.batch_size = 64
     c.bottleneck.bootstrap_draws = 200
