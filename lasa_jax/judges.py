@@ -67,7 +67,8 @@ class Judge(Protocol):
     ) -> list[Judgement]: ...
 
 
-def _check_lengths(prompts: Sequence, responses: Sequence, languages: Sequence) -> None:
+def check_judge_inputs(prompts: Sequence, responses: Sequence, languages: Sequence) -> None:
+    """What every judge checks first: equal lengths, MultiJail language codes, string responses."""
     if not (len(prompts) == len(responses) == len(languages)):
         raise ValueError(
             f"judge: prompts, responses, languages differ in length "
@@ -213,7 +214,7 @@ class InvalidDetector:
         self, prompts: list[str], responses: list[str], languages: list[str]
     ) -> list[Judgement]:
         """Invalid or, when nothing is wrong, safe (this judge says nothing about harm)."""
-        _check_lengths(prompts, responses, languages)
+        check_judge_inputs(prompts, responses, languages)
         out = []
         for resp, lang in zip(responses, languages):
             reason = self.check(resp, lang)
@@ -238,7 +239,7 @@ class RefusalJudge:
     def judge(
         self, prompts: list[str], responses: list[str], languages: list[str]
     ) -> list[Judgement]:
-        _check_lengths(prompts, responses, languages)
+        check_judge_inputs(prompts, responses, languages)
         out = []
         for resp, lang in zip(responses, languages):
             reason = self.invalid.check(resp, lang) if self.invalid else None
@@ -367,7 +368,7 @@ class GuardJudge:
     def judge(
         self, prompts: list[str], responses: list[str], languages: list[str]
     ) -> list[Judgement]:
-        _check_lengths(prompts, responses, languages)
+        check_judge_inputs(prompts, responses, languages)
         results: list[Judgement | None] = [None] * len(prompts)
         todo = []
         for i, (resp, lang) in enumerate(zip(responses, languages)):

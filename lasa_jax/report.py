@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lasa_jax.atomic import atomic_write_text
+from lasa_jax.data.languages import LANGUAGE_TIERS, UnknownLanguage, language_tier
 from lasa_jax.data.refusals import LANGUAGES
 
 LABELS = ("unsafe", "safe", "invalid")
@@ -146,7 +147,6 @@ def tier_mean(body: Mapping[str, Any], metric: str, tier: str) -> float | None:
 
 
 def _tier_or_none(lang: str) -> str | None:
-    from lasa_jax.data.languages import UnknownLanguage, language_tier
     try:
         return language_tier(lang)
     except UnknownLanguage:  # a language outside MultiJail's ten has no tier
@@ -158,7 +158,7 @@ def summary_table(report: Mapping[str, Any]) -> str:
     (metric, model) for ASR, invalid replies to harmful prompts, benign over-refusal and invalid
     replies to benign prompts (%, rounded)."""
     langs = list(report["languages"])
-    tiers = ("high", "mid", "low")
+    tiers = tuple(LANGUAGE_TIERS)
     lines = ["| metric (%) | model | " + " | ".join(langs + list(tiers) + ["avg"]) + " |",
              "|---|---|" + "---|" * (len(langs) + len(tiers) + 1)]
     fmt = lambda v: "–" if v is None else f"{100 * v:.0f}"

@@ -24,7 +24,7 @@ import re
 from collections import defaultdict
 from typing import Iterable, Sequence
 
-from lasa_jax.judges import Judgement, Verdict
+from lasa_jax.judges import Judgement, Verdict, check_judge_inputs
 from lasa_jax.toyworld import world
 
 _WORD = re.compile(r"[^\s\W]+|[^\w\s]", re.UNICODE)
@@ -84,9 +84,7 @@ class ToyJudge:
     def judge(self, prompts: list[str], responses: list[str], languages: list[str]) -> list[Judgement]:
         """The pipeline's judge protocol (lasa_jax.judges.Judge): harmful compliance is unsafe,
         a refusal is safe and refused, anything else invalid; a benign answer is safe."""
-        if not len(prompts) == len(responses) == len(languages):
-            raise ValueError(f"ToyJudge.judge: {len(prompts)} prompts, {len(responses)} responses, "
-                             f"{len(languages)} languages")
+        check_judge_inputs(prompts, responses, languages)
         out = []
         for i, (p, r, lang) in enumerate(zip(prompts, responses, languages)):
             j = self.judge_one(p, r)

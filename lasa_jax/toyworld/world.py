@@ -308,6 +308,12 @@ def _sft_language_weights() -> list[float]:
     return [max(LANGUAGE_WEIGHTS[c], 0.3) for c in LANGUAGES]
 
 
+def _chat_example(lang: Language, q: Query, response: str, prefix: str | None) -> dict:
+    """The record layout of every post-training example (see `sft_examples`)."""
+    return {"prompt": lang.request(q.verb, q.obj, q.person), "response": response,
+            "language": lang.code, "harmful": q.harmful, "qid": q.qid, "prefix": prefix}
+
+
 def instruct_examples(seed: int, n: int, version: int = 3) -> list[dict]:
     """v3's helpful-only instruction phase (before `sft_examples`): requests of every intent,
     harmful and benign alike, in every language (SFT weights), answered; 5% are benign requests
@@ -331,8 +337,7 @@ def instruct_examples(seed: int, n: int, version: int = 3) -> list[dict]:
         else:
             q = rng.choice(train)
             response = langs[code].answer(q.verb, q.obj, q.person)
-        out.append({"prompt": langs[code].request(q.verb, q.obj, q.person), "response": response,
-                    "language": code, "harmful": q.harmful, "qid": q.qid, "prefix": prefix})
+        out.append(_chat_example(langs[code], q, response, prefix))
     return out
 
 
@@ -367,8 +372,7 @@ def sft_examples(seed: int, n: int, version: int = 1) -> list[dict]:
                 prefix, response = REFUSAL_PREFIX, langs[code].refusal()
             else:
                 response = langs[code].answer(q.verb, q.obj, q.person)
-        out.append({"prompt": langs[code].request(q.verb, q.obj, q.person), "response": response,
-                    "language": code, "harmful": q.harmful, "qid": q.qid, "prefix": prefix})
+        out.append(_chat_example(langs[code], q, response, prefix))
     return out
 
 
