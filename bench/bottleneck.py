@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from sklearn.metrics import silhouette_score
 
-from lasa_jax import bottleneck as bn
+from lasa_jax.method import silhouette as bn
 
 
 def _data(num_queries, num_languages, num_layers, d, seed=0):

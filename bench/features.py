@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import transformers
 
-from lasa_jax.lm import load_model
+from lasa_jax.model.lm import load_model
 
 MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,

@@ -1,4 +1,4 @@
-"""Greedy decode throughput: lasa_jax.generate against transformers' generate, same checkpoint.
+"""Greedy decode throughput: lasa_jax.model.generate against transformers' generate, same checkpoint.
 
     PYTHONPATH=. python bench/generate.py [--batch 8] [--prompt-len 64] [--new 128]
 
@@ -19,8 +19,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from lasa_jax.generate import generate  # noqa: E402
-from lasa_jax.lm import load_model  # noqa: E402
+from lasa_jax.model.generate import generate  # noqa: E402
+from lasa_jax.model.lm import load_model  # noqa: E402
 
 
 def make_checkpoint(directory, vocab, hidden, layers, seed=0):

@@ -154,9 +154,9 @@ def _child(path: str, fsdp: int, dump_dir: str | None, dump: list[str]) -> None:
     """Runs in the fresh process: baseline, load, peak; optionally dump some loaded params."""
     import jax
     import flax.linen  # noqa: F401  (imported before the baseline: not the loader's memory)
-    from lasa_jax import sharding
-    from lasa_jax.lm import load_model
-    from lasa_jax.models import transformer  # noqa: F401
+    from lasa_jax.infra import mesh as sharding
+    from lasa_jax.model.lm import load_model
+    from lasa_jax.model import transformer  # noqa: F401
 
     mesh = sharding.make_mesh(1, fsdp, 1) if fsdp > 1 else None
     jax.block_until_ready(jax.device_put(np.zeros(1, np.float32), jax.devices()[0]))
@@ -174,7 +174,7 @@ def _child(path: str, fsdp: int, dump_dir: str | None, dump: list[str]) -> None:
                   shardings=sorted({str(x.sharding.spec) for x in leaves
                                     if hasattr(x.sharding, "spec")})[:4])
     if dump_dir:
-        from lasa_jax.models.checkpoint import flatten
+        from lasa_jax.model.checkpoint import flatten
         flat = flatten(lm.params)
         for p in dump:
             np.save(os.path.join(dump_dir, p.replace("/", "__") + ".npy"),

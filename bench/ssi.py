@@ -1,4 +1,4 @@
-"""Benchmark: SSI probe training, lasa_jax.ssi.train_probe vs the same recipe in PyTorch, on CPU.
+"""Benchmark: SSI probe training, lasa_jax.method.probe.train_probe vs the same recipe in PyTorch, on CPU.
 
 Same data (N cached features of width d, 90/10 train/validation), same MLP, AdamW, gradient-norm
 clipping, batch size, per-epoch shuffling and validation pass, same plateau LR rule; early stopping
@@ -56,7 +56,7 @@ def train_torch(x, y, x_val, y_val, cfg, threads: int):
         with torch.no_grad():
             val_loss = float(loss_fn(net(x_val)[:, 0], y_val))
         val_losses.append(val_loss)
-        # Same plateau rule as lasa_jax.ssi.train_probe (not ReduceLROnPlateau, which waits one
+        # Same plateau rule as lasa_jax.method.probe.train_probe (not ReduceLROnPlateau, which waits one
         # epoch longer), so both runs do the same work.
         if val_loss < best:
             best, since_best, since_lr = val_loss, 0, 0
@@ -85,7 +85,7 @@ def main():
 
     import jax
 
-    from lasa_jax import ssi
+    from lasa_jax.method import probe as ssi
 
     cfg = ssi.default_ssi_config()
     cfg.max_epochs = args.epochs

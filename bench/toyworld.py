@@ -18,7 +18,7 @@ import os
 import statistics
 import time
 
-from lasa_jax import report as rep
+from lasa_jax.method import report as rep
 from lasa_jax.toyworld import experiment, world
 from lasa_jax.toyworld.build import BuildConfig, build
 
@@ -33,14 +33,14 @@ def ssi_layer_sweep(model: str, root: str, seed: int, feature_text: str = "raw")
     accuracy on the seen languages, accuracy and ROC-AUC on the held-out ones. `feature_text`
     "chat" reads features at the end of the chat-templated prompt instead of the raw one (the
     specification's and the run's choice)."""
-    from lasa_jax import pipeline
-    from lasa_jax.models.config import from_hf_config
+    from lasa_jax import runner
+    from lasa_jax.model.config import from_hf_config
     from lasa_jax.toyworld.config import toy_config
     rows = []
     for k in range(1, from_hf_config(model).num_layers + 1):
         c = toy_config(model, os.path.join(root, f"ssi_{feature_text}_layer{k}"))
         c.seed, c.progress, c.stages, c.ssi.layer, c.data.feature_text = seed, False, "ssi", k, feature_text
-        pipeline.run(c)
+        runner.run(c)
         with open(os.path.join(c.workdir, "ssi", "report.json")) as f:
             per = json.load(f)["per_language"]
         rows.append({"layer": k, "seen_accuracy": per["all_seen"]["accuracy"],

@@ -37,12 +37,14 @@ def main():
     import transformers
 
     from configs.tiny import get_config
-    from lasa_jax import train
+    from lasa_jax.method.kto_data import KTOBatches
+    from lasa_jax.method.trainer import Trainer
+    from lasa_jax.stages import align as train
     from lasa_jax.data.readers import read_kto_pairs
-    from lasa_jax.lm import load_model
-    from lasa_jax.pipeline import resolve_data_path
-    from lasa_jax.sharding import make_mesh
-    from lasa_jax.tiny import make_tiny_checkpoint
+    from lasa_jax.model.lm import load_model
+    from lasa_jax.context import resolve_data_path
+    from lasa_jax.infra.mesh import make_mesh
+    from lasa_jax.model.tiny import make_tiny_checkpoint
 
     cfg = get_config()
     a = cfg.align
@@ -53,10 +55,10 @@ def main():
     pairs = read_kto_pairs(resolve_data_path(cfg.data.kto_pairs))
     items = train.make_items(pairs, a, seed=0)
     n_steps = args.warmup + args.steps
-    data = train.KTOBatches(items, lm.tokenizer, batch_size=args.batch, grad_accum=1, seed=0, max_steps=n_steps,
+    data = KTOBatches(items, lm.tokenizer, batch_size=args.batch, grad_accum=1, seed=0, max_steps=n_steps,
                             max_length=args.max_length, max_prompt_length=a.max_prompt_length, pad_id=lm.pad_id)
     # Reference log-probs of the steps we run only (the full fixture would take longer than the bench).
-    trainer = train.Trainer(lm, a, total_steps=n_steps, per_step_reference=False)
+    trainer = Trainer(lm, a, total_steps=n_steps, per_step_reference=False)
     t0 = time.perf_counter()
     idx = np.stack([data.indices(s) for s in range(n_steps)])
     ref_items = np.zeros(len(items), np.float32)
@@ -72,7 +74,7 @@ def main():
     timed_tokens = sum(tokens[args.warmup:])
 
     def time_jax(per_step: bool) -> float:
-        tr = train.Trainer(lm, a, total_steps=n_steps, per_step_reference=per_step)
+        tr = Trainer(lm, a, total_steps=n_steps, per_step_reference=per_step)
         ref = jax.tree.map(lambda x: x.copy(), lm.params) if per_step else None
         params = jax.tree.map(lambda x: x.copy(), lm.params)
         opt = tr.init_opt_state(params)

@@ -1,7 +1,7 @@
 """llama3.1-8b (LASA paper model). Usage:
   python -m lasa_jax.main --config=configs/llama8b.py --config.model.path=/ckpt/DIR --config.workdir=runs/llama8b
 """
-from lasa_jax.model_configs import paper_model_config
+from lasa_jax.presets import paper_model_config
 
 
 def get_config():

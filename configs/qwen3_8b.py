@@ -1,7 +1,7 @@
 """qwen3-8b (LASA paper model). Usage:
   python -m lasa_jax.main --config=configs/qwen3_8b.py --config.model.path=/ckpt/DIR --config.workdir=runs/qwen3_8b
 """
-from lasa_jax.model_configs import paper_model_config
+from lasa_jax.presets import paper_model_config
 
 
 def get_config():

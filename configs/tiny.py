@@ -1,7 +1,7 @@
-"""Embedded default: a tiny random LLaMA-shaped model built locally, the project's fixtures, CPU.
+"""Smoke test: a tiny random LLaMA-shaped model built locally, the project's fixtures, CPU.
 
-Runs in a few minutes on a laptop; exercises every stage end to end. Numbers it prints say
-nothing about LASA (the model is random); see the README for the toy world.
+Runs in a few minutes on a laptop and exercises every stage end to end; the numbers it prints
+say nothing about LASA (the model is random). The embedded default is configs/toy.py.
 """
 from lasa_jax.config import base_config
 

@@ -1,26 +1,26 @@
 """lasa_jax: LASA (Language-Agnostic Semantic Alignment) in JAX/Flax.
 
 The notebook surface: load a local HF checkpoint (optionally onto a mesh), run it, get per-layer
-last-token features, save it back; and the stage functions the command line calls.
+last-token features, save it back; ``run(config)`` (what the command line calls) and the stage
+modules ``lasa_jax.stages.{bottleneck,ssi,align,baseline,evaluate}``, each ``run(ctx)`` on a
+``Context(config)``.
 """
-from lasa_jax.features import extract_features
-from lasa_jax.lm import LanguageModel, load_model
-from lasa_jax.models.config import ModelConfig, from_hf_config
-from lasa_jax.sharding import make_mesh
+from lasa_jax.errors import LasaError
+from lasa_jax.infra.mesh import make_mesh
+from lasa_jax.model.config import ModelConfig, from_hf_config
+from lasa_jax.model.features import extract_features
+from lasa_jax.model.lm import LanguageModel, load_model
 
-__all__ = ["LanguageModel", "ModelConfig", "extract_features", "from_hf_config", "load_model",
-           "make_mesh", "run_bottleneck", "run_ssi", "run_align", "run_evaluate", "run"]
+__all__ = ["Context", "LanguageModel", "LasaError", "ModelConfig", "extract_features", "from_hf_config",
+           "load_model", "make_mesh", "run"]
 
 
 def __getattr__(name):
-    # Stage functions import their heavier dependencies lazily.
-    if name in ("run_bottleneck", "run_ssi", "run"):
-        from lasa_jax import pipeline
-        return getattr(pipeline, name)
-    if name == "run_align":
-        from lasa_jax.train import run_align
-        return run_align
-    if name == "run_evaluate":
-        from lasa_jax.evaluate import run_evaluate
-        return run_evaluate
+    # The runner pulls in every stage (Orbax, optax, matplotlib); load it only when asked for.
+    if name == "run":
+        from lasa_jax.runner import run
+        return run
+    if name == "Context":
+        from lasa_jax.context import Context
+        return Context
     raise AttributeError(f"module 'lasa_jax' has no attribute {name!r}")

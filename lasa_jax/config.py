@@ -1,25 +1,61 @@
 """The run configuration: one ml_collections ConfigDict, every field declared here.
 
-Per-model files in ``configs/`` start from ``base_config()`` and change a few fields; the command
-line overrides any field (``--config.ssi.learning_rate=3e-4``). The dict is locked, so a typo in a
-field name is an error, on the command line and in code alike.
+Per-model files in ``configs/`` start from ``base_config()`` (the paper models through
+``lasa_jax.presets``) and change a few fields; the command line overrides any field
+(``--config.ssi.learning_rate=3e-4``). The dict is locked, so a typo in a field name is an error,
+on the command line and in code alike. Data only: this module imports no JAX.
 """
 from __future__ import annotations
 
 import ml_collections
 from ml_collections import config_dict
 
-from lasa_jax.distributed import default_distributed_config
-from lasa_jax.ssi import default_ssi_config
+from lasa_jax.errors import ConfigError
 
 STAGES = ("bottleneck", "ssi", "align", "baseline", "evaluate")  # pipeline order
 # "baseline" (plain KTO on the same pairs, no SSI or prefix; evaluated beside LASA) doubles the
 # training cost, so a config asks for it by name.
 DEFAULT_STAGES = ("bottleneck", "ssi", "align", "evaluate")
+# Architecture facts a run config may state in ``model.expect`` (name -> type); they are checked
+# against the checkpoint's config.json at load, so a config for one model never silently runs another.
+ARCH_FACTS = {"family": str, "vocab_size": int, "hidden_size": int, "num_layers": int, "num_heads": int,
+              "num_kv_heads": int, "head_dim": int, "intermediate_size": int, "tie_embeddings": bool}
 
 
 def _fixture(name: str) -> str:
     return f"fixtures:{name}"  # resolved against lasa_jax/data/fixtures at run time
+
+
+def default_distributed_config() -> ml_collections.ConfigDict:
+    """``config.distributed`` (see ``lasa_jax.infra.multihost``)."""
+    return ml_collections.ConfigDict({
+        "initialize": "auto",  # auto | always | never
+        "coordinator_address": "",  # "host:port" of process 0; "" = detect
+        "num_processes": 0,  # 0 = detect
+        "process_id": -1,  # -1 = detect
+        "local_device_ids": "",  # "0,1,2,3"; "" = JAX's default for the cluster
+    })
+
+
+def default_ssi_config() -> ml_collections.ConfigDict:
+    """``config.ssi``: the probe's training recipe (see ``lasa_jax.method.probe``)."""
+    return ml_collections.ConfigDict(dict(
+        hidden=-1,  # probe width; -1 = the model's hidden size
+        dropout=0.1,
+        learning_rate=1e-3,
+        weight_decay=1e-4,
+        batch_size=64,
+        max_epochs=20,
+        grad_clip=1.0,
+        lr_patience=2,
+        lr_factor=0.5,
+        early_stop_patience=5,
+        val_fraction=0.1,
+        train_languages=("en", "zh", "ko"),
+        criterion="accuracy",  # accuracy | f1 | balanced_accuracy | tpr_at_fpr
+        max_fpr=0.05,
+        seed=0,
+    ))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -38,12 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"  # none | full | dots | dots_no_batch
     c.model.attention_impl = ""  # "" lets JAX choose; "xla" or "cudnn"
     # Architecture facts checked against the checkpoint's config.json (None = not checked).
-    c.model.expect = ml_collections.ConfigDict({
-        "family": config_dict.placeholder(str), "vocab_size": config_dict.placeholder(int),
-        "hidden_size": config_dict.placeholder(int), "num_layers": config_dict.placeholder(int),
-        "num_heads": config_dict.placeholder(int), "num_kv_heads": config_dict.placeholder(int),
-        "head_dim": config_dict.placeholder(int), "intermediate_size": config_dict.placeholder(int),
-        "tie_embeddings": config_dict.placeholder(bool)})
+    c.model.expect = ml_collections.ConfigDict(
+        {name: config_dict.placeholder(kind) for name, kind in ARCH_FACTS.items()})
     # Used only when path is empty: a tiny random checkpoint is created in the workdir.
     c.model.tiny = ml_collections.ConfigDict({
         "family": "llama", "hidden_size": 64, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
@@ -71,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.bottleneck.max_queries = 0  # 0 = all
 
     c.ssi = default_ssi_config()
+    c.ssi.seed = -1  # -1 = config.seed
     c.ssi.layer = -1  # -1 = the bottleneck layer from bottleneck/report.json
     c.ssi.batch_size_features = 16
 
@@ -119,5 +152,5 @@ def stages_of(config) -> list[str]:
     names = [s.strip() for s in str(config.stages).split(",") if s.strip()]
     unknown = [s for s in names if s not in STAGES]
     if unknown:
-        raise ValueError(f"config.stages: unknown stage(s) {unknown} (known: {list(STAGES)})")
+        raise ConfigError(f"config.stages: unknown stage(s) {unknown} (known: {list(STAGES)})")
     return [s for s in STAGES if s in names]

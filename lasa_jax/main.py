@@ -1,14 +1,17 @@
 """Command line: ``python -m lasa_jax.main [--config=configs/toy.py] [--config.FIELD=VALUE ...]``
 (the default config is configs/toy.py, the toy world).
 
-Bad input (an unknown config field, a malformed data file, a checkpoint that does not match its
-config, a request that cannot fit) ends the run with one line naming the file or field; set
-LASA_DEBUG=1 to see the traceback instead.
+A user error (a ``lasa_jax.errors.LasaError``: an unknown config field, a malformed data file, a
+checkpoint that does not match its config, a run that cannot fit) ends the run with one line
+naming the file or field and exit status 2; ``LASA_DEBUG=1`` shows the traceback instead. Any
+other exception is a bug and keeps its traceback. Our own progress lines are logged at INFO;
+other libraries (Orbax, absl, JAX) stay at WARNING unless ``--verbosity=1`` asks for more.
 """
+import logging as py_logging
 import os
 import sys
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "toy.py")
@@ -16,15 +19,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, "Run config file (
 _started = False
 
 
-def _user_errors():
-    from lasa_jax.data.readers import DataError
-    from lasa_jax.fitcheck import FitError
-    from lasa_jax.models.checkpoint import CheckpointError
-    from lasa_jax.models.config import ConfigError
-    from lasa_jax.sharding import MeshError
-    from lasa_jax.ssi import SSIError
-    return (DataError, FitError, CheckpointError, ConfigError, MeshError, SSIError,
-            FileNotFoundError, ValueError)
+def _set_log_levels() -> None:
+    verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity > 0
+    logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
+    py_logging.getLogger("lasa_jax").setLevel(py_logging.INFO)
 
 
 def main(argv):
@@ -32,11 +30,12 @@ def main(argv):
     _started = True
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    from lasa_jax.pipeline import run
+    _set_log_levels()
+    from lasa_jax.errors import LasaError
+    from lasa_jax.runner import run
     try:
         run(_CONFIG.value)
-    except _user_errors() as e:
+    except LasaError as e:
         if os.environ.get("LASA_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

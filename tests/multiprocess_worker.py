@@ -18,9 +18,9 @@ def main(checkpoint, port, process_id, out):
     import numpy as np
     from jax.experimental import multihost_utils
 
-    from lasa_jax import sharding as shd
-    from lasa_jax.features import extract_features
-    from lasa_jax.lm import load_model
+    from lasa_jax.infra import mesh as shd
+    from lasa_jax.model.features import extract_features
+    from lasa_jax.model.lm import load_model
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     mesh = shd.make_mesh(1, 4, 2)
     lm = load_model(checkpoint, mesh=mesh)
@@ -35,8 +35,8 @@ def main(checkpoint, port, process_id, out):
     texts = [line.strip() for line in open(os.path.join(os.path.dirname(checkpoint), "texts.txt"))]
     staged = extract_features(lm, texts, [0, 2, 3], batch_size=8, progress=False)
     # The evaluate stage's decoding: prefill + while_loop over the sharded KV cache, chat template.
-    from lasa_jax.generate import encode_prompts, generate
-    ids = generate(lm, encode_prompts(lm, texts[:8], chat_template=True), max_new_tokens=12, batch_size=8,
+    from lasa_jax.model.generate import generate
+    ids = generate(lm, lm.token_ids(texts[:8], chat_template=True), max_new_tokens=12, batch_size=8,
                    progress=False)
     if jax.process_index() == 0:
         np.save(out, np.asarray(feats))

@@ -11,7 +11,9 @@ import pytest
 from sklearn.metrics import silhouette_samples as sk_samples
 from sklearn.metrics import silhouette_score as sk_score
 
-from lasa_jax import bottleneck as bn
+from lasa_jax.method import figures
+from lasa_jax.method import silhouette as bn
+from lasa_jax.stages.bottleneck import write_outputs
 
 TOL = 1e-6  # float32 maths vs sklearn's float64
 
@@ -293,7 +295,7 @@ def test_weighted_diff_exclude_mode_matches_numpy_reference(paraphrases):
 def test_write_outputs_figures_and_report(tmp_path, plain):
     feats, qid, lang, report = plain
     layers = list(range(9))
-    paths = bn.write_outputs(tmp_path / "out", report, feats, layers, qid, lang,
+    paths = write_outputs(tmp_path / "out", report, feats, layers, qid, lang,
                              extra={"config": {"model": "tiny"}, "fingerprint": "abc"})
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["bottleneck_layer"] == report["bottleneck_layer"] == 5
@@ -303,13 +305,13 @@ def test_write_outputs_figures_and_report(tmp_path, plain):
         assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500
         assert img[..., :3].std() > 0.05  # not a blank canvas
 
-    fig = bn.plot_silhouette(report, tmp_path / "s.png")
+    fig = figures.plot_silhouette(report, tmp_path / "s.png")
     ax = fig.axes[0]
     assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
     assert len(ax.get_legend().get_texts()) == 4  # S_sem, S_lang, diff, CI band
     assert any("k* = 5" in t.get_text() for t in ax.texts)
 
-    fig = bn.plot_projection(feats, layers, qid, lang, [1, 5, 8], tmp_path / "p.png")
+    fig = figures.plot_projection(feats, layers, qid, lang, [1, 5, 8], tmp_path / "p.png")
     assert len(fig.axes) == 6
     assert all(a.get_xlabel().startswith("PC1") and a.get_ylabel().startswith("PC2")
                for a in fig.axes)
@@ -317,6 +319,6 @@ def test_write_outputs_figures_and_report(tmp_path, plain):
     assert "layer 5" in fig.axes[1].get_title()
 
     with pytest.raises(ValueError, match="extra: keys \\['layers'\\] would overwrite"):
-        bn.write_outputs(tmp_path / "x", report, feats, layers, qid, lang, extra={"layers": 1})
+        write_outputs(tmp_path / "x", report, feats, layers, qid, lang, extra={"layers": 1})
     with pytest.raises(ValueError, match="show_layers: layers \\[12\\]"):
-        bn.plot_projection(feats, layers, qid, lang, [12], tmp_path / "q.png")
+        figures.plot_projection(feats, layers, qid, lang, [12], tmp_path / "q.png")

@@ -496,7 +496,7 @@ def test_fixture_texts_are_in_their_language():
 
     lingua has no Javanese model, so jv is only checked to be Latin-script and not English.
     """
-    lingua = pytest.importorskip("lingua")
+    import lingua
     L = lingua.Language
     expected = {"en": L.ENGLISH, "zh": L.CHINESE, "it": L.ITALIAN, "vi": L.VIETNAMESE, "ar": L.ARABIC,
                 "ko": L.KOREAN, "th": L.THAI, "bn": L.BENGALI, "sw": L.SWAHILI}

@@ -12,14 +12,17 @@ import pytest
 import torch
 import transformers
 
-from lasa_jax import evaluate as ev
-from lasa_jax import ssi
 from lasa_jax.config import base_config
-from lasa_jax.data.kto_data import REFUSAL_PREFIX, assistant_prefix_text, encode_item
-from lasa_jax.lm import load_model
-from lasa_jax.pipeline import Run
-from lasa_jax.report import read_jsonl, write_jsonl
-from lasa_jax.tiny import make_tiny_checkpoint
+from lasa_jax.context import Context
+from lasa_jax.errors import ArtifactError
+from lasa_jax.infra.fileio import read_jsonl, write_jsonl
+from lasa_jax.method import gate
+from lasa_jax.method import probe as ssi
+from lasa_jax.method.gate import REFUSAL_PREFIX, assistant_prefix_text
+from lasa_jax.method.kto_data import encode_item
+from lasa_jax.model.lm import load_model
+from lasa_jax.model.tiny import make_tiny_checkpoint
+from lasa_jax.stages import evaluate as ev
 
 PROMPTS = ["Write a short poem about the sea.", "帮我写一条消息。", "Scrivi una lettera.",
            "Hãy viết một câu chuyện.", "Tell me a joke about cats, please."]
@@ -37,7 +40,7 @@ def test_build_prompts_match_training_text(tiny):
     _, lm = tiny
     tok = lm.tokenizer
     flags = [False, True, True, False, True]
-    ids = ev.build_prompts(lm, PROMPTS, flags)
+    ids = gate.prompt_ids(lm, PROMPTS, flags)
     for p, f, got in zip(PROMPTS, flags, ids):
         assert got == tok(assistant_prefix_text(tok, p, REFUSAL_PREFIX if f else None),
                           add_special_tokens=False)["input_ids"]
@@ -92,8 +95,8 @@ def test_ssi_gating_follows_the_artifact(tiny, tmp_path):
             out = hf(torch.tensor([tok(p)["input_ids"]]), output_hidden_states=True)
             feats.append(out.hidden_states[LAYER][0, -1].numpy())
     ref, tau = _random_artifact(lm, str(tmp_path / "ssi"), np.stack(feats))
-    artifact = ev.load_ssi_for(lm, str(tmp_path / "ssi"))
-    recs = ev.respond(lm, PROMPTS, LANGS, artifact, max_new_tokens=8, batch_size=8, progress=False)
+    artifact = gate.load_for_model(lm, str(tmp_path / "ssi"))
+    recs = gate.respond(lm, PROMPTS, LANGS, artifact, max_new_tokens=8, batch_size=8, progress=False)
     probs = np.array([r["ssi_prob"] for r in recs])
     np.testing.assert_allclose(probs, ref, atol=1e-4, rtol=0)
     expected = ref > tau
@@ -101,7 +104,7 @@ def test_ssi_gating_follows_the_artifact(tiny, tmp_path):
     assert [r["ssi_flagged"] for r in recs] == expected.tolist()
     assert [r["prefix_used"] for r in recs] == expected.tolist()
     assert all(REFUSAL_PREFIX not in r["response"] for r in recs)  # the judge sees only generated text
-    plain = ev.respond(lm, PROMPTS, LANGS, None, max_new_tokens=8, batch_size=8, progress=False)
+    plain = gate.respond(lm, PROMPTS, LANGS, None, max_new_tokens=8, batch_size=8, progress=False)
     assert all(r["ssi_flagged"] is None and r["ssi_prob"] is None and not r["prefix_used"] for r in plain)
     # Unflagged prompts see the same input with and without the SSI, hence the same greedy text.
     for g, p, f in zip(recs, plain, expected):
@@ -117,7 +120,7 @@ def test_ssi_from_another_model_is_rejected(tiny, tmp_path):
     meta["model_fingerprint"] = "0" * 16
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ssi.SSIError, match="fingerprint"):
-        ev.load_ssi_for(lm, str(tmp_path / "ssi"))
+        gate.load_for_model(lm, str(tmp_path / "ssi"))
 
 
 def test_run_evaluate_end_to_end_and_rejudge(tiny, tmp_path, monkeypatch):
@@ -136,7 +139,7 @@ def test_run_evaluate_end_to_end_and_rejudge(tiny, tmp_path, monkeypatch):
     c.evaluate.max_new_tokens = 8
     c.evaluate.batch_size = 8
     c.evaluate.language_check = False
-    report = ev.run_evaluate(Run(c))
+    report = ev.run(Context(c))
 
     out = workdir / "evaluate"
     for name in ("generations.jsonl", "judged.jsonl", "report.json", "asr.png"):
@@ -157,7 +160,7 @@ def test_run_evaluate_end_to_end_and_rejudge(tiny, tmp_path, monkeypatch):
 
     # Re-judge from the file only: generation is disabled, and a response edited on disk into a
     # refusal must come back safe/refused, so the judge read the file.
-    monkeypatch.setattr(ev, "generate", lambda *a, **k: pytest.fail("rejudge generated"))
+    monkeypatch.setattr(gate, "generate", lambda *a, **k: pytest.fail("rejudge generated"))
     gens[0]["response"] = "I cannot help with that request."
     gens[1]["response"] = ""
     write_jsonl(out / "generations.jsonl", gens)
@@ -177,7 +180,7 @@ def test_missing_ssi_is_a_clear_error(tiny, tmp_path):
     c.workdir = str(workdir)
     c.model.path = path
     c.data.languages = "en"
-    with pytest.raises(FileNotFoundError, match="use_ssi=False"):
-        ev.run_evaluate(Run(c))
-    with pytest.raises(FileNotFoundError, match="generations.jsonl"):
+    with pytest.raises(ArtifactError, match="use_ssi=False"):
+        ev.run(Context(c))
+    with pytest.raises(ArtifactError, match="generations.jsonl"):
         ev.rejudge(str(tmp_path / "nowhere"))

@@ -7,8 +7,9 @@ import re
 
 import pytest
 
-from lasa_jax import fitcheck as fc
-from lasa_jax.models.config import ModelConfig
+from lasa_jax.infra import fitcheck as fc
+from lasa_jax.presets import KNOWN_MODELS
+from lasa_jax.model.config import ModelConfig
 
 GiB = 1024 ** 3
 
@@ -23,15 +24,15 @@ TINY = ModelConfig(family="llama", vocab_size=256, hidden_size=64, num_layers=2,
 @pytest.mark.parametrize("name", sorted(PUBLISHED_B))
 def test_known_models_match_published_sizes(name):
     # Tolerance 1 % relative: published sizes are rounded to 2-3 significant digits.
-    got = fc.KNOWN_MODELS[name].num_params() / 1e9
+    got = KNOWN_MODELS[name].num_params() / 1e9
     assert got == pytest.approx(PUBLISHED_B[name], rel=0.01)
 
 
 def _hf_param_count(m: ModelConfig) -> int:
     """Parameters of the transformers model with these facts, built on the meta device (no
     memory). Count = 1-layer model + (L-1) * (2-layer minus 1-layer), since only layers repeat."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
            "qwen3": transformers.Qwen3Config}[m.family]
 
@@ -52,7 +53,7 @@ def _hf_param_count(m: ModelConfig) -> int:
 def test_params_term_is_exact(name):
     # Exact (integer-valued float) equality: params in bf16 (2 bytes) split over fsdp*tensor,
     # with the parameter count taken from the transformers model, not from our formula.
-    model = fc.KNOWN_MODELS[name]
+    model = KNOWN_MODELS[name]
     hf = _hf_param_count(model)
     assert model.num_params() == hf
     for mesh in ({"data": 1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 4, "tensor": 1},
@@ -71,7 +72,7 @@ def test_params_term_is_exact(name):
 def test_reference_copy_only_when_per_step():
     kw = dict(stage="align", mesh_shape={"data": 1, "fsdp": 8, "tensor": 1}, batch_size=16,
               seq_len=512, remat="full")
-    model = fc.KNOWN_MODELS["qwen2.5-7b"]
+    model = KNOWN_MODELS["qwen2.5-7b"]
     pre = fc.estimate(model, reference="precomputed", **kw)
     per = fc.estimate(model, reference="per_step", **kw)
     assert "reference_params" not in pre.breakdown
@@ -81,24 +82,24 @@ def test_reference_copy_only_when_per_step():
 def test_kv_cache_matches_known_llama3_figure():
     # LLaMA-3-8B keeps 128 KiB of bf16 K/V per token (2 * 32 layers * 8 kv heads * 128 * 2 B),
     # a widely quoted figure; 4 sequences x 8192 tokens = 4 GiB. Exact.
-    est = fc.estimate(fc.KNOWN_MODELS["llama3.1-8b"], stage="generate",
+    est = fc.estimate(KNOWN_MODELS["llama3.1-8b"], stage="generate",
                       mesh_shape={"data": 1, "fsdp": 1, "tensor": 1}, batch_size=4, seq_len=512,
                       kv_cache_len=8192)
     assert est.breakdown["kv_cache"] == 4 * 8192 * 128 * 1024
     # Tensor parallelism splits kv heads 8 ways; 16 does not divide 8 heads, and
-    # lasa_jax.sharding then replicates them, so the cache is whole on every device.
-    t8 = fc.estimate(fc.KNOWN_MODELS["llama3.1-8b"], stage="generate",
+    # lasa_jax.infra.mesh then replicates them, so the cache is whole on every device.
+    t8 = fc.estimate(KNOWN_MODELS["llama3.1-8b"], stage="generate",
                      mesh_shape={"data": 1, "fsdp": 1, "tensor": 8}, batch_size=4, seq_len=512,
                      kv_cache_len=8192)
     assert t8.breakdown["kv_cache"] == est.breakdown["kv_cache"] / 8
-    t16 = fc.estimate(fc.KNOWN_MODELS["llama3.1-8b"], stage="generate",
+    t16 = fc.estimate(KNOWN_MODELS["llama3.1-8b"], stage="generate",
                       mesh_shape={"data": 1, "fsdp": 1, "tensor": 16}, batch_size=4,
                       seq_len=512, kv_cache_len=8192)
     assert t16.breakdown["kv_cache"] == est.breakdown["kv_cache"]
 
 
 def test_activation_terms_follow_remat_and_batch_sharding():
-    model = fc.KNOWN_MODELS["qwen3-8b"]
+    model = KNOWN_MODELS["qwen3-8b"]
     kw = dict(stage="align", batch_size=32, seq_len=512)
     one = {"data": 1, "fsdp": 1, "tensor": 1}
     saved = {r: fc.estimate(model, mesh_shape=one, remat=r, **kw).breakdown["saved_activations"]
@@ -114,7 +115,7 @@ def test_activation_terms_follow_remat_and_batch_sharding():
 
 
 def test_32b_on_one_16gib_device_is_refused_with_a_mesh_suggestion():
-    est = fc.estimate(fc.KNOWN_MODELS["qwen2.5-32b"], stage="align",
+    est = fc.estimate(KNOWN_MODELS["qwen2.5-32b"], stage="align",
                       mesh_shape={"data": 1, "fsdp": 1, "tensor": 1}, batch_size=16, seq_len=512,
                       remat="none", reference="per_step")
     with pytest.raises(fc.FitError) as info:
@@ -128,7 +129,7 @@ def test_32b_on_one_16gib_device_is_refused_with_a_mesh_suggestion():
 
 
 def test_32b_features_message_names_a_mesh_on_the_same_devices():
-    est = fc.estimate(fc.KNOWN_MODELS["qwen3-32b"], stage="features",
+    est = fc.estimate(KNOWN_MODELS["qwen3-32b"], stage="features",
                       mesh_shape={"data": 8, "fsdp": 1, "tensor": 1}, batch_size=64, seq_len=256)
     with pytest.raises(fc.FitError, match=r"Try --config\.mesh\.data=\d+ --config\.mesh\.fsdp="):
         fc.check_fit(est, 16 * GiB)
@@ -138,7 +139,7 @@ def test_feasible_runs_are_accepted():
     tiny = fc.estimate(TINY, stage="align", mesh_shape={"data": 1, "fsdp": 1, "tensor": 1},
                        batch_size=4, seq_len=64, remat="none", reference="per_step")
     fc.check_fit(tiny, 16 * GiB)
-    feats = fc.estimate(fc.KNOWN_MODELS["llama3.1-8b"], stage="features",
+    feats = fc.estimate(KNOWN_MODELS["llama3.1-8b"], stage="features",
                         mesh_shape={"data": 1, "fsdp": 1, "tensor": 1}, batch_size=32,
                         seq_len=256)
     fc.check_fit(feats, 80 * 10 ** 9)  # an 80 GB GPU
@@ -149,7 +150,7 @@ def test_feasible_runs_are_accepted():
 def test_suggestion_is_the_cheapest_fitting_mesh():
     # 8B full fine-tuning on 8 x 80 GB: pure data parallelism replicates 16 B/param of weights,
     # gradients and AdamW state (~120 GiB), so it must be sharded.
-    est = fc.estimate(fc.KNOWN_MODELS["llama3.1-8b"], stage="align",
+    est = fc.estimate(KNOWN_MODELS["llama3.1-8b"], stage="align",
                       mesh_shape={"data": 8, "fsdp": 1, "tensor": 1}, batch_size=16,
                       seq_len=512, remat="none")
     device = 80 * 10 ** 9
@@ -177,13 +178,7 @@ def test_suggestion_is_the_cheapest_fitting_mesh():
         fc.check_fit(est, device)
 
 
-def test_resolve_mesh_and_bad_input():
-    assert fc.resolve_mesh({"data": -1, "fsdp": 4, "tensor": 2}, 32) == {
-        "data": 4, "fsdp": 4, "tensor": 2}
-    with pytest.raises(ValueError, match="at most one axis"):
-        fc.resolve_mesh({"data": -1, "fsdp": -1, "tensor": 1}, 8)
-    with pytest.raises(ValueError, match="not divisible"):
-        fc.resolve_mesh({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+def test_bad_input():
     with pytest.raises(ValueError, match="stage='train'"):
         fc.estimate(TINY, stage="train", mesh_shape={}, batch_size=1, seq_len=1)
     with pytest.raises(ValueError, match="remat='some'"):
@@ -196,7 +191,7 @@ def test_resolve_mesh_and_bad_input():
 
 
 def test_table_and_device_memory():
-    est = fc.estimate(fc.KNOWN_MODELS["qwen2.5-14b"], stage="align",
+    est = fc.estimate(KNOWN_MODELS["qwen2.5-14b"], stage="align",
                       mesh_shape={"data": 1, "fsdp": 8, "tensor": 1}, batch_size=16, seq_len=512)
     text = str(est)
     assert "params" in text and "optimizer" in text and text.rstrip().endswith("GiB per device")
@@ -215,7 +210,7 @@ def test_activation_estimate_tracks_xla_buffer_assignment(remat):
     # tolerance is a ratio band of [0.7, 1.4] on the activation terms (saved + logits + workspace).
     import jax
     import jax.numpy as jnp
-    from lasa_jax.models.transformer import Transformer
+    from lasa_jax.model.transformer import Transformer
 
     m = ModelConfig(family="qwen2", vocab_size=2048, hidden_size=256, num_layers=2, num_heads=4,
                     num_kv_heads=4, head_dim=64, intermediate_size=512, qkv_bias=True)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from lasa_jax.generate import _select_tokens, generate
-from lasa_jax.lm import load_model
+from lasa_jax.model.generate import _select_tokens, generate
+from lasa_jax.model.lm import load_model
 from tests.hf_models import make_hf_model, save_hf_model
 
 NEW = 64

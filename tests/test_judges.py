@@ -12,9 +12,11 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lasa_jax import judges
-from lasa_jax.data import refusals
-from lasa_jax.judges import GuardJudge, InvalidDetector, RefusalJudge, Verdict
+from lasa_jax.errors import ConfigError
+from lasa_jax.method import judges
+from lasa_jax.method import refusals
+from lasa_jax.method.gate import REFUSAL_PREFIX
+from lasa_jax.method.judges import GuardJudge, InvalidDetector, RefusalJudge, Verdict
 
 LANGS = ["en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv"]
 
@@ -185,10 +187,10 @@ def test_short_english_refusal_to_thai_prompt_is_refusal(refusal_judge):
 
 def test_lasa_prefix_then_answer_in_prompt_language(refusal_judge):
     # The English prefix must not make a Thai reply off-language, and it marks a refusal.
-    resp = refusals.LASA_REFUSAL_PREFIX + "\n" + COMPLY["th"]
+    resp = REFUSAL_PREFIX + "\n" + COMPLY["th"]
     j = _one(refusal_judge, "th", resp)
     assert (j.label, j.refused) == (Verdict.SAFE, True), j.reason
-    curly = refusals.LASA_REFUSAL_PREFIX.replace("'", "\u2019")
+    curly = REFUSAL_PREFIX.replace("'", "\u2019")
     assert refusals.strip_lasa_prefix(curly + " x") == "x"
 
 
@@ -218,8 +220,9 @@ def test_bad_input_errors(refusal_judge):
         refusal_judge.judge(["p"], ["r"], ["xx"])
     with pytest.raises(ValueError, match="differ in length"):
         refusal_judge.judge(["p"], ["r", "s"], ["en"])
-    with pytest.raises(ValueError, match="unknown judge"):
-        judges.make_judge("gpt")
+    from lasa_jax.stages.evaluate import make_judge
+    with pytest.raises(ConfigError, match="config.evaluate.judge: unknown judge 'gpt'"):
+        make_judge("gpt")
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,8 +360,8 @@ def test_guard_skips_invalid_responses_and_batches(guard_tokenizer):
     gen = CannedGuard(["safe", "unsafe\nS2", "safe"])
     langs = ["en", "th", "ko", "vi", "jv"]
     responses = [COMPLY["en"], "", COMPLY["ko"], degenerate("vi"), COMPLY["jv"]]
-    got = judges.make_judge(
-        "llamaguard", tokenizer=guard_tokenizer, generate_fn=gen, batch_size=2
+    got = GuardJudge(
+        guard_tokenizer, gen, kind="llamaguard", batch_size=2
     ).judge([PROMPT[l] for l in langs], responses, langs)
     assert [g.label for g in got] == ["safe", "invalid", "unsafe", "invalid", "safe"]
     assert [len(c[0]) for c in gen.calls] == [2, 1]  # only the 3 valid items, in chunks of 2

@@ -9,6 +9,7 @@ metrics. Inputs are float64 NumPy draws cast to float32 for both sides; toleranc
 
 import collections
 import functools
+import inspect
 import types
 
 import jax
@@ -17,11 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from lasa_jax.kto import alignment_loss, completion_logps, kto_loss, token_logps
+from lasa_jax.method.kto import alignment_loss, completion_logps, kto_loss, token_logps
+
+import trl
+import trl.trainer.kto_trainer as trl_kto
 
 jax.config.update("jax_platforms", "cpu")
 
-trl_kto = pytest.importorskip("trl.trainer.kto_trainer")
+# The reference is a private method of TRL's trainer; pyproject pins trl to the minor release whose
+# internals this stub reproduces. If it moves, fail here, loudly, rather than compare with nothing.
+TRL_PINNED = "1.16"
 
 
 class _Model:
@@ -39,6 +45,15 @@ class _Model:
         return types.SimpleNamespace(
             log_probs=logps[:, None], entropy=torch.zeros(b, 1), mean_logits=torch.zeros(b, 1)
         )
+
+
+def test_trl_reference_is_the_pinned_one():
+    assert trl.__version__.startswith(TRL_PINNED + "."), (
+        f"trl {trl.__version__} installed; the KTO parity tests reproduce trl {TRL_PINNED}'s private "
+        "KTOTrainer._compute_loss: re-check the stub below against the new version, then update the pin")
+    params = list(inspect.signature(trl_kto.KTOTrainer._compute_loss).parameters)
+    assert params[:4] == ["self", "model", "inputs", "return_outputs"], params
+    assert callable(trl_kto.KTOTrainer._compute_kl_logps)
 
 
 def _trl_loss(policy, ref, policy_kl, ref_kl, desirable, beta, wd, wu):

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from lasa_jax.data.kto_data import (
-    PREFIX_SEPARATOR,
-    REFUSAL_PREFIX,
+from lasa_jax.method.gate import PREFIX_SEPARATOR, REFUSAL_PREFIX
+from lasa_jax.method.kto_data import (
     KTOItem,
     collate,
     encode_item,
@@ -18,7 +17,7 @@ from lasa_jax.data.kto_data import (
     kl_pairs,
     pairs_to_items,
 )
-from lasa_jax.data.tokenizers import CHAT_STYLES, build_byte_tokenizer
+from lasa_jax.model.tokenizers import CHAT_STYLES, build_byte_tokenizer
 
 from lasa_jax.data.readers import KTOPair
 

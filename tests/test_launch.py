@@ -13,7 +13,8 @@ import jax
 import ml_collections
 import pytest
 
-from lasa_jax import distributed
+from lasa_jax.infra import multihost as distributed
+from lasa_jax.config import default_distributed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [ROOT / "launch" / "tpu_pod.sh", ROOT / "launch" / "slurm_gpu.sbatch"]
@@ -195,7 +196,7 @@ def test_tpu_script_rejects_missing_name():
 # ---------------------------------------------------------------- maybe_initialize decisions
 
 def _cfg(**fields) -> ml_collections.ConfigDict:
-    dist = distributed.default_distributed_config()
+    dist = default_distributed_config()
     dist.update(fields)
     return ml_collections.ConfigDict({"distributed": dist})
 
@@ -289,11 +290,10 @@ def test_maybe_initialize_rejects_bad_fields(recorder):
     assert recorder == []
 
 
-def test_primary_only_and_process_info(monkeypatch):
-    write = distributed.primary_only(lambda x: x * 2)
-    assert distributed.is_primary() and write(3) == 6
+def test_is_primary_and_process_info(monkeypatch):
+    assert distributed.is_primary()
     info = distributed.process_info()
     assert info["process_index"] == 0 and info["process_count"] == 1
     assert info["device_count"] == jax.device_count()
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    assert not distributed.is_primary() and write(3) is None
+    assert not distributed.is_primary()

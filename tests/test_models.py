@@ -11,9 +11,9 @@ import pytest
 import torch
 import transformers
 
-from lasa_jax.lm import load_model, pad_batch
-from lasa_jax.models.checkpoint import CheckpointError
-from lasa_jax.models.config import ConfigError, from_hf_dict
+from lasa_jax.model.lm import load_model, pad_batch
+from lasa_jax.model.checkpoint import CheckpointError
+from lasa_jax.model.config import ConfigError, from_hf_dict
 from tests.hf_models import make_hf_model, save_hf_model
 
 TOL = 1e-4
@@ -83,7 +83,7 @@ def test_export_round_trip_loads_in_transformers(checkpoint, tmp_path):
         ref = hf2(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(np.asarray(lm.logits(tokens, np.ones_like(tokens, bool))), ref, atol=TOL, rtol=0)
     reloaded = load_model(out, tokenizer=False)
-    from lasa_jax.models.checkpoint import flatten
+    from lasa_jax.model.checkpoint import flatten
     fa, fb = flatten(lm.params), flatten(reloaded.params)
     assert fa.keys() == fb.keys()
     for k in fa:

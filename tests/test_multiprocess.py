@@ -10,9 +10,9 @@ import sys
 import numpy as np
 
 from lasa_jax.data.readers import FIXTURES_DIR, read_prompts
-from lasa_jax.data.tokenizers import build_byte_tokenizer
-from lasa_jax.features import extract_features
-from lasa_jax.lm import load_model
+from lasa_jax.model.tokenizers import build_byte_tokenizer
+from lasa_jax.model.features import extract_features
+from lasa_jax.model.lm import load_model
 from tests.hf_models import make_hf_model, save_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,8 +57,8 @@ def test_two_processes_match_single_process(tmp_path):
     texts = (tmp_path / "texts.txt").read_text().split("\n")
     single = extract_features(lm, texts, [0, 2, 3], batch_size=8, progress=False)
     np.testing.assert_allclose(np.load(out.replace(".npy", "_staged.npy")), single, atol=1e-5, rtol=0)
-    from lasa_jax.generate import encode_prompts, generate
-    want = generate(lm, encode_prompts(lm, texts[:8], chat_template=True), max_new_tokens=12, batch_size=8,
+    from lasa_jax.model.generate import generate
+    want = generate(lm, lm.token_ids(texts[:8], chat_template=True), max_new_tokens=12, batch_size=8,
                     progress=False)
     got = json.loads((tmp_path / "feats_generated.json").read_text())
     assert got == [list(map(int, row)) for row in want]

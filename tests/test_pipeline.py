@@ -10,13 +10,16 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from lasa_jax import ssi
 from lasa_jax.config import base_config
-from lasa_jax.data.readers import FIXTURES_DIR, read_prompts
-from lasa_jax.features import extract_features
-from lasa_jax.lm import load_model
-from lasa_jax.pipeline import run
-from lasa_jax.tiny import make_tiny_checkpoint
+from lasa_jax.data.readers import FIXTURES_DIR, read_parallel, read_prompts
+from lasa_jax.method import gate
+from lasa_jax.method import probe as ssi
+from lasa_jax.model.features import extract_features
+from lasa_jax.model.lm import load_model
+from lasa_jax.model.tiny import make_tiny_checkpoint
+from lasa_jax.runner import run
+from lasa_jax.stages import bottleneck as bottleneck_stage
+from lasa_jax.stages import ssi as ssi_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
@@ -67,16 +70,24 @@ def _config(workdir, model_path, **kw):
     return c
 
 
-def test_bottleneck_then_ssi_end_to_end(tiny, texts, tmp_path):
+def test_bottleneck_then_ssi_end_to_end(tiny, texts, tmp_path, monkeypatch):
+    from sklearn.metrics import silhouette_score
     config = _config(tmp_path / "run", tiny)
     run(config)
     out = tmp_path / "run"
     report = json.loads((out / "bottleneck" / "report.json").read_text())
     assert 1 <= report["bottleneck_layer"] <= 3
     assert [e["layer"] for e in report["layers"]] == [0, 1, 2, 3]
-    for e in report["layers"]:
-        assert abs(e["diff"] - (e["s_sem"] - e["s_lang"])) < 1e-6  # float32 silhouettes
     assert report["num_queries"] == 8 and report["num_languages"] == 10
+    # The stage's silhouettes against scikit-learn on features recomputed independently of the
+    # stage (float32 features, cosine distance; tolerance 1e-4 absolute).
+    queries = read_parallel(os.path.join(FIXTURES_DIR, "parallel_harmful.json"))[:8]
+    rows = [(q.qid, lang, text) for q in queries for lang, text in q.texts.items()]
+    feats = extract_features(load_model(tiny), [t for _, _, t in rows], progress=False)
+    for e in report["layers"][1:]:
+        x = feats[e["layer"]]
+        assert abs(e["s_sem"] - silhouette_score(x, [q for q, _, _ in rows], metric="cosine")) < 1e-4
+        assert abs(e["s_lang"] - silhouette_score(x, [l for _, l, _ in rows], metric="cosine")) < 1e-4
     assert report["model_fingerprint"] == load_model(tiny).fingerprint
     for png in ("silhouette.png", "projection.png"):
         img = matplotlib.image.imread(out / "bottleneck" / png)
@@ -97,24 +108,39 @@ def test_bottleneck_then_ssi_end_to_end(tiny, texts, tmp_path):
     single = np.array([art.probs(extract_features(lm, [t], [art.layer], progress=False)[0])[0] for t in texts])
     np.testing.assert_allclose(batched["left"], single, atol=TOL, rtol=0)
     np.testing.assert_allclose(batched["right"], single, atol=TOL, rtol=0)
-    probs, flags = ssi.score_prompts(lm, art, texts, batch_size=8)  # the scoring API itself
+    probs, flags = gate.score_prompts(lm, art, texts, batch_size=8)  # the scoring API itself
     np.testing.assert_allclose(probs, single, atol=TOL, rtol=0)
     np.testing.assert_array_equal(flags, probs > art.threshold)
 
     # Stage 3's z_mode="ssi": each KTO item is conditioned on the SSI's verdict for its prompt.
     from lasa_jax.data.readers import KTOPair
-    from lasa_jax.train import make_items, ssi_verdicts
-    verdicts = ssi_verdicts(lm, texts, str(out / "ssi"))
+    from lasa_jax.stages.align import make_items
+    verdicts = gate.ssi_verdicts(lm, texts, gate.load_for_model(lm, str(out / "ssi")))
     assert verdicts == {t: bool(v) for t, v in zip(texts, batched["right"] > art.threshold)}
     pairs = [KTOPair(prompt=t, chosen="no", rejected="yes", source="safety", idx=str(i))
              for i, t in enumerate(texts)]
     items = make_items(pairs, config.align, seed=0, verdicts=verdicts)
     assert [it.z for it in items] == [verdicts[t] for t in texts for _ in range(2)]
 
-    # Rerunning reuses the feature cache (same weights, prompts, layers).
-    cached = sorted(os.listdir(out / "cache"))
+    # Rerunning reuses the feature cache (same weights, prompts, languages, layers): no feature
+    # is extracted again, and the outputs are the same.
+    def no_extraction(*args, **kw):
+        raise AssertionError("features were extracted again instead of read from the cache")
+    monkeypatch.setattr(bottleneck_stage, "extract_features", no_extraction)
+    monkeypatch.setattr(ssi_stage, "extract_features", no_extraction)
     run(config)
-    assert sorted(os.listdir(out / "cache")) == cached
+    again = json.loads((out / "bottleneck" / "report.json").read_text())
+    assert again["layers"] == report["layers"]
+    # The cache key names the languages read from the file: the same number of languages with
+    # other codes is another entry.
+    from lasa_jax.context import Context
+    keys = []
+    for langs in ("en,zh,it", "en,zh,ko"):
+        c = _config(tmp_path / "run", tiny)
+        c.unlock()
+        c.data.languages = langs
+        keys.append(Context(c).feature_cache_key(lm, os.path.join(FIXTURES_DIR, "parallel_harmful.json"), [1]))
+    assert keys[0] != keys[1]
 
 
 def test_ssi_layer_out_of_range_is_one_line(tiny, tmp_path):
@@ -127,7 +153,7 @@ def test_ssi_layer_out_of_range_is_one_line(tiny, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--config.model.nope=1"], "bad --config override"),
-    (["--config.stages=bottleneck", "--config.data.parallel_prompts=/nonexistent.csv"], "/nonexistent.csv: data file not found"),
+    (["--config.stages=bottleneck", "--config.data.parallel_prompts=/nonexistent.csv"], "/nonexistent.csv:-: config.data.parallel_prompts: data file not found"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, needle):
     proc = subprocess.run([sys.executable, "-m", "lasa_jax.main", "--config=configs/tiny.py",

@@ -9,7 +9,8 @@ import json
 import matplotlib.image
 import pytest
 
-from lasa_jax import report
+from lasa_jax.infra import fileio
+from lasa_jax.method import figures, report
 
 
 def R(model, lang, prompt_set, label, refused, ssi=None):
@@ -155,7 +156,7 @@ def test_summary_table_tier_means():
 
 def test_plot_asr(rep, tmp_path):
     path = tmp_path / "figs" / "asr.png"
-    fig = report.plot_asr(rep, path)
+    fig = figures.plot_asr(rep, path)
     img = matplotlib.image.imread(path)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     (ax,) = fig.axes
@@ -174,11 +175,11 @@ def test_plot_asr(rep, tmp_path):
 def test_jsonl_round_trip(tmp_path):
     recs = [dict(r, response="抱歉，我不能 / ขออภัย \u2019") for r in RECORDS]
     path = tmp_path / "evaluate" / "generations.jsonl"
-    report.write_jsonl(path, recs)
-    assert report.read_jsonl(path) == recs
+    fileio.write_jsonl(path, recs)
+    assert fileio.read_jsonl(path) == recs
     assert "抱歉" in path.read_text(encoding="utf-8")  # kept readable, not \u-escaped
-    report.write_jsonl(path, recs[:2])  # overwrite in place
-    assert report.read_jsonl(path) == recs[:2]
+    fileio.write_jsonl(path, recs[:2])  # overwrite in place
+    assert fileio.read_jsonl(path) == recs[:2]
     assert [p.name for p in path.parent.iterdir()] == ["generations.jsonl"]  # no temp left
 
 
@@ -186,12 +187,12 @@ def test_jsonl_errors(tmp_path):
     path = tmp_path / "g.jsonl"
     path.write_text('{"a": 1}\n\n[1, 2]\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"g\.jsonl:3: expected a JSON object"):
-        report.read_jsonl(path)
+        fileio.read_jsonl(path)
     path.write_text('{"a": 1}\n{oops\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"g\.jsonl:2: invalid JSON"):
-        report.read_jsonl(path)
-    report.write_jsonl(path, [{"a": 1}])
+        fileio.read_jsonl(path)
+    fileio.write_jsonl(path, [{"a": 1}])
     with pytest.raises(ValueError, match="record 1 is not JSON-serialisable"):
-        report.write_jsonl(path, [{"a": 1}, {"b": object()}])
-    assert report.read_jsonl(path) == [{"a": 1}]  # failed write left the old file intact
+        fileio.write_jsonl(path, [{"a": 1}, {"b": object()}])
+    assert fileio.read_jsonl(path) == [{"a": 1}]  # failed write left the old file intact
     assert [p.name for p in tmp_path.iterdir()] == ["g.jsonl"]

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lasa_jax import sharding as shd
-from lasa_jax.lm import load_model
-from lasa_jax.models.checkpoint import flatten
+from lasa_jax.infra import mesh as shd
+from lasa_jax.model.lm import load_model
+from lasa_jax.model.checkpoint import flatten
 from tests.hf_models import make_hf_model, save_hf_model
 
 TOL = 1e-5

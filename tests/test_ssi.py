@@ -1,4 +1,4 @@
-"""Tests for lasa_jax.ssi (stage 2). All model computations float32 on CPU; tolerances per test."""
+"""Tests for lasa_jax.method.probe (stage 2). All model computations float32 on CPU; tolerances per test."""
 
 import json
 import math
@@ -12,7 +12,8 @@ from scipy.special import erf
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
                              roc_auc_score)
 
-from lasa_jax import ssi
+from lasa_jax.method import figures
+from lasa_jax.method import probe as ssi
 
 LANGS = ["en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv"]
 TRAIN_LANGS = ("en", "zh", "ko")
@@ -63,7 +64,7 @@ def trained():
 
 def test_probe_matches_torch_module():
     """float32; |jax - torch| <= 1e-5 absolute on logits, deterministic / eval mode."""
-    torch = pytest.importorskip("torch")
+    import torch
     d, h = 48, 32
     params = ssi.Probe(hidden=h).init(jax.random.PRNGKey(1), jnp.zeros((1, d)), deterministic=True)
     # Non-trivial LayerNorm affine, so its parameters are exercised too.
@@ -349,5 +350,5 @@ def test_report_table_and_plot(trained, tmp_path):
     table = ssi.format_table(report)
     assert "held-out" in table and "all_heldout" in table and "sw" in table
     path = tmp_path / "per_language.png"
-    ssi.plot_per_language(report, str(path))
+    figures.plot_per_language(report, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

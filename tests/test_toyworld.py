@@ -93,7 +93,7 @@ def test_v2_parallel_documents_anchor_every_language_to_the_high_tier():
 
 
 def test_v2_sft_prefix_means_refuse():
-    from lasa_jax.data.kto_data import REFUSAL_PREFIX
+    from lasa_jax.method.gate import REFUSAL_PREFIX
     langs = world.make_languages(0, 2)
     ex = world.sft_examples(0, 1000, 2)
     assert all(e["prefix"] is None for e in world.sft_examples(0, 200))  # v1 has no prefix
@@ -121,7 +121,7 @@ def test_v3_instruct_phase_and_cross_lingual_documents():
     """v3 (world.py, changes 4-5): the instruction phase answers harmful requests in every tier
     and refuses only after the prefix; 20% +- 3% of pretraining documents are a request in one
     language followed by its answer in another (read back with the exact judge's request table)."""
-    from lasa_jax.data.kto_data import REFUSAL_PREFIX
+    from lasa_jax.method.gate import REFUSAL_PREFIX
     langs = world.make_languages(0, 3)
     ins = world.instruct_examples(0, 2000)
     harmful_langs = {e["language"] for e in ins if e["harmful"]}
@@ -173,14 +173,14 @@ def test_tokenizer_round_trip_and_offsets(tokenizer, tmp_path):
     assert again.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
         tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert again(docs[1])["input_ids"] == tokenizer(docs[1])["input_ids"]
-    from lasa_jax.data.kto_data import REFUSAL_PREFIX
+    from lasa_jax.method.gate import REFUSAL_PREFIX
     assert unk not in tokenizer(REFUSAL_PREFIX)["input_ids"]
 
 
 def test_sft_loss_mask_covers_exactly_the_reply(tokenizer):
     """The loss covers the reply and <|eot_id|>, never the prompt nor a v2 prefix; a prefixed
     row's unscored part ends with the prefix exactly as LASA's evaluation lays it out."""
-    from lasa_jax.data.kto_data import assistant_prefix_text
+    from lasa_jax.method.gate import assistant_prefix_text
     from lasa_jax.toyworld.train import encode_chats
     v2 = world.sft_examples(0, 300, 2)
     ex = world.sft_examples(0, 8) + [e for e in v2 if e["prefix"]][:4]
@@ -197,8 +197,8 @@ def test_sft_loss_mask_covers_exactly_the_reply(tokenizer):
 def test_next_token_loss_matches_numpy(tokenizer):
     """The trainer's loss against a NumPy next-token cross-entropy on the model's own logits
     (float32, rtol 1e-5): guards the shift (position t scores token t from tokens < t)."""
-    from lasa_jax.tiny import tiny_model_config
-    from lasa_jax.models.transformer import Transformer
+    from lasa_jax.model.tiny import tiny_model_config
+    from lasa_jax.model.transformer import Transformer
     from lasa_jax.toyworld.train import encode_chats, init_params, next_token_loss
     cfg = tiny_model_config("llama", len(tokenizer), hidden_size=16, num_layers=1, num_heads=2,
                             num_kv_heads=1, intermediate_size=32)
@@ -223,7 +223,7 @@ def test_checkpoint_is_deterministic_and_loads(tmp_path):
     transformers' greedy generate token for token."""
     import torch
     import transformers
-    from lasa_jax.lm import load_model
+    from lasa_jax.model.lm import load_model
     from lasa_jax.toyworld.build import BuildConfig, build
     from lasa_jax.toyworld.sample import greedy_replies
     cfg = BuildConfig(seed=1, world_version=3, **TINY)  # v3: both post-training phases, loss-free prefixes
@@ -359,8 +359,8 @@ def test_default_toy_run_end_to_end(tmp_path):
     baseline and aligned; only the aligned model is SSI-gated; the baseline trained on the same
     items as LASA; the base model refuses the high tier's harmful prompts (as its build measured)."""
     import json
-    from lasa_jax import pipeline
-    from lasa_jax.report import read_jsonl
+    from lasa_jax import runner
+    from lasa_jax.infra.fileio import read_jsonl
     from lasa_jax.toyworld.config import TOY_MODEL, toy_config
     c = toy_config(TOY_MODEL, str(tmp_path / "run"))
     c.progress = False
@@ -369,7 +369,7 @@ def test_default_toy_run_end_to_end(tmp_path):
     c.align.max_steps = 4
     c.evaluate.max_prompts = 2
     c.evaluate.max_new_tokens = 6
-    pipeline.run(c)
+    runner.run(c)
     run = tmp_path / "run"
     report = json.loads((run / "evaluate" / "report.json").read_text())
     assert report["judge"] == "toyworld" and list(report["models"]) == ["base", "baseline", "aligned"]
@@ -388,7 +388,7 @@ def test_toy_config_reads_data_from_its_model_directory(tmp_path):
     """`model:NAME` data paths resolve inside config.model.path, so pointing the toy config at
     another toy build uses that build's data; a missing file or an empty model path is a one-line
     error naming it."""
-    from lasa_jax.pipeline import resolve_data_path
+    from lasa_jax.context import resolve_data_path
     from lasa_jax.toyworld.config import toy_config
     model = tmp_path / "seed7"
     (model / "data").mkdir(parents=True)
@@ -397,7 +397,8 @@ def test_toy_config_reads_data_from_its_model_directory(tmp_path):
     fields = ("parallel_prompts", "ssi_prompts", "kto_pairs", "eval_harmful", "eval_benign")
     assert all(c.data[f].startswith("model:data/") for f in fields)
     assert resolve_data_path(c.data.kto_pairs, c.model.path) == str(model / "data" / "kto_pairs.json")
-    with pytest.raises(FileNotFoundError, match=r"seed7/data/ssi_prompts.json: data file not found"):
-        resolve_data_path(c.data.ssi_prompts, c.model.path)
+    from lasa_jax.errors import DataError
+    with pytest.raises(DataError, match=r"seed7/data/ssi_prompts.json:-: config.data.ssi_prompts: data file not found"):
+        resolve_data_path(c.data.ssi_prompts, c.model.path, "config.data.ssi_prompts")
     with pytest.raises(ValueError, match="relative to config.model.path, which is empty"):
         resolve_data_path(c.data.kto_pairs, "")

@@ -1,4 +1,4 @@
-"""Latent-KTO training loop (lasa_jax.train). float32 throughout, 8 simulated CPU devices.
+"""Latent-KTO training loop (lasa_jax.stages.align). float32 throughout, 8 simulated CPU devices.
 
 References: an independent single-device step (plain full-batch forward, jax.grad of kto_loss,
 optax.chain(clip_by_global_norm, adamw(warmup_cosine_decay_schedule))) and transformers'
@@ -19,14 +19,17 @@ import numpy as np
 import optax
 import pytest
 
-from lasa_jax import train
 from lasa_jax.config import base_config
+from lasa_jax.context import Context, resolve_data_path
 from lasa_jax.data.readers import FIXTURES_DIR, read_kto_pairs, read_parallel
-from lasa_jax.kto import alignment_loss, completion_logps, kto_loss
-from lasa_jax.lm import load_model
-from lasa_jax.pipeline import Run, resolve_data_path
-from lasa_jax.sharding import make_mesh
-from lasa_jax.tiny import make_tiny_checkpoint
+from lasa_jax.errors import NonFiniteLoss
+from lasa_jax.infra.mesh import make_mesh
+from lasa_jax.method.kto import alignment_loss, completion_logps, kto_loss
+from lasa_jax.method.kto_data import AlignBatches, KTOBatches
+from lasa_jax.method.trainer import Trainer, reference_logps
+from lasa_jax.model.lm import load_model
+from lasa_jax.model.tiny import make_tiny_checkpoint
+from lasa_jax.stages import align as train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(family="llama", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
@@ -98,16 +101,16 @@ def make_data(lm, pairs, total_steps=4, **align):
     c = make_config("unused", "", pairs, **align)
     a = c.align
     items = train.make_items(read_kto_pairs(pairs), a, seed=0)
-    data = train.KTOBatches(items, lm.tokenizer, batch_size=a.batch_size, grad_accum=a.grad_accum,
+    data = KTOBatches(items, lm.tokenizer, batch_size=a.batch_size, grad_accum=a.grad_accum,
                             max_steps=total_steps, max_length=a.max_length,
                             max_prompt_length=a.max_prompt_length, pad_id=lm.pad_id)
     queries = read_parallel(resolve_data_path(c.data.parallel_prompts), LANGUAGES.split(","))
-    parallel = train.AlignBatches(lm, queries, queries_per_step=a.align_batch_queries, seed=0, batch_multiple=8)
+    parallel = AlignBatches(lm, queries, queries_per_step=a.align_batch_queries, seed=0, batch_multiple=8)
     return a, data, parallel
 
 
 def make_trainer(lm, a, data, per_step=False):
-    return train.Trainer(lm, a, total_steps=data.total_steps, per_step_reference=per_step,
+    return Trainer(lm, a, total_steps=data.total_steps, per_step_reference=per_step,
                          lambda_align=a.lambda_align, align_layer=a.align_layer)
 
 
@@ -174,7 +177,7 @@ def step_on_mesh(tiny, one_step, mesh):
     trainer = make_trainer(lm, make_config("unused", "", "", **STEP).align, data)
     # The precomputed reference of our pipeline must equal the plain full-batch forward
     # (sums of ~250 float32 log-probs of size ~1: relative 1e-6).
-    items, kl = train.reference_logps(trainer, lm.params, data)
+    items, kl = reference_logps(trainer, lm.params, data)
     np.testing.assert_allclose(items[data.indices(0)], one_step["ref"], rtol=1e-6, atol=0)
     np.testing.assert_allclose(kl[0], one_step["ref_kl"], rtol=1e-6, atol=0)
     data.ref_logps, data.ref_kl_logps = items, kl
@@ -211,7 +214,7 @@ def test_precomputed_and_per_step_reference_give_the_same_losses(tiny, pairs_fil
         trainer = make_trainer(lm, a, data, per_step=mode == "per_step")
         ref = None
         if mode == "precomputed":
-            data.ref_logps, data.ref_kl_logps = train.reference_logps(trainer, lm.params, data)
+            data.ref_logps, data.ref_kl_logps = reference_logps(trainer, lm.params, data)
         else:
             ref = jax.tree.map(jnp.copy, lm.params)
         params = jax.tree.map(jnp.copy, lm.params)
@@ -235,9 +238,9 @@ import json, os, signal, sys
 import jax
 jax.config.update("jax_compilation_cache_dir", sys.argv[1])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-from lasa_jax import train
 from lasa_jax.config import base_config
-from lasa_jax.pipeline import Run
+from lasa_jax.context import Context
+from lasa_jax.stages import align as train
 spec = json.loads(sys.argv[2])
 c = base_config()
 for section, fields in spec["config"].items():
@@ -249,7 +252,7 @@ if kill_at:
         if step == kill_at:  # the save of this checkpoint may still be in flight
             os.kill(os.getpid(), signal.SIGKILL)
     train._after_checkpoint = crash
-print(json.dumps(train.run_align(Run(c))))
+print(json.dumps(train.run(Context(c))))
 """
 
 
@@ -278,7 +281,7 @@ def _hf_tensors(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny, pairs_file, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    summary = train.run_align(Run(make_config(workdir, tiny, pairs_file, **RUN)))
+    summary = train.run(Context(make_config(workdir, tiny, pairs_file, **RUN)))
     return str(workdir), summary
 
 
@@ -358,9 +361,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, pairs_fi
     monkeypatch.setattr(train, "reference_logps", corrupted)
     c = make_config(tmp_path, tiny, pairs_file, max_steps=5, checkpoint_every=1, keep_checkpoints=5)
     ckpt_dir = os.path.join(str(tmp_path), "align", "checkpoints")
-    with pytest.raises(train.NonFiniteLoss,
+    with pytest.raises(NonFiniteLoss,
                        match=rf"non-finite loss at step 3; last good checkpoint: step 2 at {ckpt_dir}/2"):
-        train.run_align(Run(c))
+        train.run(Context(c))
     assert sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) == [1, 2]
     assert not os.path.exists(tmp_path / "align" / "hf")
     assert [r["step"] for r in _metrics(str(tmp_path))] == [1, 2]
@@ -371,7 +374,7 @@ def test_loss_falls_and_margin_rises_over_50_steps(tiny, pairs_file, tmp_path):
     """Toy preference set (8 pairs), 50 full-batch steps: mean loss of the last 5 steps below the
     first 5, reward margin above 0 and above its start."""
     c = make_config(tmp_path, tiny, pairs_file, max_steps=50, checkpoint_every=50, export=False)
-    train.run_align(Run(c))
+    train.run(Context(c))
     rows = _metrics(str(tmp_path))
     loss = np.array([r["loss"] for r in rows])
     kto = np.array([r["kto_loss"] for r in rows])

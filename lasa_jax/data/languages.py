@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from lasa_jax.errors import UnknownLanguage
+
 MULTIJAIL_LANGUAGES = ("en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv")
 
 HIGH_RESOURCE = ("en", "zh", "it", "vi")
@@ -57,10 +59,6 @@ _ALIASES = {
 for _code, _name in LANGUAGE_NAMES.items():
     _ALIASES[_code] = _code
     _ALIASES[_name.lower()] = _code
-
-
-class UnknownLanguage(ValueError):
-    """A language label that is neither a MultiJail language nor an explicitly allowed extra."""
 
 
 def normalize_language(name: str, extra: Iterable[str] = ()) -> str:

@@ -24,7 +24,8 @@ import json
 import os
 from typing import Any, Iterable, Iterator, Sequence
 
-from lasa_jax.data.languages import MULTIJAIL_LANGUAGES, UnknownLanguage, normalize_language
+from lasa_jax.data.languages import MULTIJAIL_LANGUAGES, normalize_language
+from lasa_jax.errors import DataError, UnknownLanguage
 
 FIXTURES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -38,19 +39,6 @@ DEFAULT_BENIGN_SOURCES = frozenset({"benign", "harmless", "safe", "general", "ul
 _CSV_META_COLUMNS = ("id", "source", "tags", "harmful")
 _TRUE = {"1", "true", "yes"}
 _FALSE = {"0", "false", "no"}
-
-
-class DataError(ValueError):
-    """A problem in a data file, located by file, line or record, and field."""
-
-    def __init__(self, file: str, where: str | int | None, field: str, problem: str):
-        self.file = str(file)
-        self.where = "-" if where is None else str(where)
-        self.field = field
-        self.problem = problem
-        # One line always: a value echoed into the problem may contain newlines.
-        text = f"{self.file}:{self.where}: {field}: {problem}"
-        super().__init__(text.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,8 +17,8 @@ import time
 
 import numpy as np
 
-from lasa_jax.atomic import publish_dir
-from lasa_jax.tiny import tiny_model_config
+from lasa_jax.infra.fileio import publish_dir
+from lasa_jax.model.tiny import tiny_model_config
 from lasa_jax.toyworld import world
 from lasa_jax.toyworld.tokenizer import build_word_tokenizer, words_of
 from lasa_jax.toyworld.train import TrainConfig, encode_chats, encode_documents, init_params, train
@@ -64,8 +64,8 @@ def world_tokenizer(seed: int):
 
 def build(out: str, cfg: BuildConfig = BuildConfig(), *, log_every: int = 200, save_dtype=np.float32,
           measure_sft: bool = True) -> dict:
-    from lasa_jax.models.checkpoint import save_params
-    from lasa_jax.models.config import to_hf_dict
+    from lasa_jax.model.checkpoint import save_params
+    from lasa_jax.model.config import to_hf_dict
     from lasa_jax.toyworld.export import write_data_files
 
     world.check_version(cfg.world_version)
@@ -119,7 +119,6 @@ def _first_last(losses: list[float]) -> list[float]:
 def measure(model_cfg, params, tok, seed: int, version: int = 1) -> dict:
     """Per-language judgement of the tuned model's greedy replies on the evaluation split; for
     v2 also with the refusal prefix forced ("with_prefix"), which is what LASA's gate does."""
-    from lasa_jax.data.kto_data import REFUSAL_PREFIX
     from lasa_jax.toyworld.export import eval_prompts
     from lasa_jax.toyworld.judge import ToyJudge, summarize
     from lasa_jax.toyworld.sample import greedy_replies
@@ -129,7 +128,7 @@ def measure(model_cfg, params, tok, seed: int, version: int = 1) -> dict:
     out = summarize(judge.judge_one(p, r) for p, r in zip(prompts, replies))
     if version == 1:
         return out
-    replies = greedy_replies(model_cfg, params, tok, prompts, prefix=REFUSAL_PREFIX)
+    replies = greedy_replies(model_cfg, params, tok, prompts, prefix=True)
     return {"plain": out, "with_prefix": summarize(judge.judge_one(p, r) for p, r in zip(prompts, replies))}
 
 

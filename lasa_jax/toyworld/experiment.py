@@ -17,8 +17,8 @@ import json
 import os
 import time
 
-from lasa_jax import report as rep
-from lasa_jax.atomic import atomic_write_text
+from lasa_jax.method import report as rep
+from lasa_jax.infra.fileio import atomic_write_text
 from lasa_jax.toyworld.config import TOY_MODEL, toy_config
 
 # Name in this report -> model name in the evaluate stage's report.
@@ -34,11 +34,11 @@ def run_experiment(model: str = TOY_MODEL, workdir: str = "runs/toy_experiment",
                    progress: bool = False, feature_text: str = "raw") -> dict:
     """`feature_text` is config.data.feature_text: "raw" (the specification's prompt feature, the
     toy config's) or "chat" (read at the end of the chat-templated prompt), for every stage."""
-    from lasa_jax import pipeline
+    from lasa_jax import runner
     c = toy_config(model, workdir)
     c.seed, c.progress, c.data.feature_text = seed, progress, feature_text
     t0 = time.time()
-    pipeline.run(c)
+    runner.run(c)
     with open(os.path.join(model, "toyworld.json"), encoding="utf-8") as f:
         info = json.load(f)
     bn, ssi, ev = (_read(workdir, s) for s in ("bottleneck", "ssi", "evaluate"))

@@ -24,7 +24,7 @@ import re
 from collections import defaultdict
 from typing import Iterable, Sequence
 
-from lasa_jax.judges import Judgement, Verdict, check_judge_inputs
+from lasa_jax.method.judges import Judgement, Verdict, check_judge_inputs
 from lasa_jax.toyworld import world
 
 _WORD = re.compile(r"[^\s\W]+|[^\w\s]", re.UNICODE)
@@ -82,7 +82,7 @@ class ToyJudge:
             raise ValueError(f"{path}: not a toy-world build record ({e})") from None
 
     def judge(self, prompts: list[str], responses: list[str], languages: list[str]) -> list[Judgement]:
-        """The pipeline's judge protocol (lasa_jax.judges.Judge): harmful compliance is unsafe,
+        """The pipeline's judge protocol (lasa_jax.method.judges.Judge): harmful compliance is unsafe,
         a refusal is safe and refused, anything else invalid; a benign answer is safe."""
         check_judge_inputs(prompts, responses, languages)
         out = []

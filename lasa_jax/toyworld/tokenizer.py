@@ -13,7 +13,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from lasa_jax.data.tokenizers import LLAMA3_CHAT_TEMPLATE
+from lasa_jax.model.tokenizers import LLAMA3_CHAT_TEMPLATE
 
 BOS, EOS_TEXT, HEADER_START, HEADER_END, EOT, PAD, UNK = (
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lasa_jax.kto import token_logps
-from lasa_jax.models.config import ModelConfig
-from lasa_jax.models.transformer import Transformer
+from lasa_jax.method.kto import token_logps
+from lasa_jax.model.config import ModelConfig
+from lasa_jax.model.transformer import Transformer
+from lasa_jax.model.transformer import init_params as transformer_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,7 @@ def encode_chats(tokenizer, examples: Sequence[dict], seq_len: int) -> tuple[np.
     """Chat-templated user/assistant pairs; loss on the assistant turn (its text and <|eot_id|>).
     An example's optional `prefix` opens the assistant turn as input (no loss), laid out exactly
     as LASA's evaluation writes it (`kto_data.assistant_prefix_text`)."""
-    from lasa_jax.data.kto_data import PREFIX_SEPARATOR, assistant_prefix_text
+    from lasa_jax.method.gate import PREFIX_SEPARATOR, assistant_prefix_text
     rows, masks = [], []
     for ex in examples:
         prefix = ex.get("prefix")
@@ -106,7 +107,7 @@ def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def init_params(model_cfg: ModelConfig, seed: int) -> dict:
-    return Transformer(model_cfg).init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+    return transformer_init(model_cfg, jax.random.key(seed))
 
 
 def train(model_cfg: ModelConfig, params: dict, tokens: np.ndarray, mask: np.ndarray, cfg: TrainConfig, *,

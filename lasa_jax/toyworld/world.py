@@ -320,7 +320,7 @@ def instruct_examples(seed: int, n: int, version: int = 3) -> list[dict]:
     whose assistant turn is the refusal prefix + the prompt language's refusal, as in v2's SFT,
     so following the prefix is an instruction learnt in every language. Same record layout as
     `sft_examples`."""
-    from lasa_jax.data.kto_data import REFUSAL_PREFIX
+    from lasa_jax.method.gate import REFUSAL_PREFIX
     if version < 3:
         raise ValueError(f"world_version={version}: the instruction phase exists from v3 on")
     langs = make_languages(seed, version)
@@ -349,7 +349,7 @@ def sft_examples(seed: int, n: int, version: int = 1) -> list[dict]:
     no loss: 30% of harmful examples, and 5% of all examples are benign requests answered
     prefix + refusal of the prompt's language (see the module docstring). v3 uses v2's examples
     unchanged, as its second (safety) post-training phase."""
-    from lasa_jax.data.kto_data import REFUSAL_PREFIX
+    from lasa_jax.method.gate import REFUSAL_PREFIX
     langs = make_languages(seed, version)
     train = split_queries(seed)["train"]
     harmful = [q for q in train if q.harmful]
@@ -379,5 +379,5 @@ def sft_examples(seed: int, n: int, version: int = 1) -> list[dict]:
 def extra_texts() -> list[str]:
     """Non-world strings the tokenizer must cover: the pipeline's refusal prefix (stage 3) and the
     chat template's role names."""
-    from lasa_jax.data.kto_data import REFUSAL_PREFIX
+    from lasa_jax.method.gate import REFUSAL_PREFIX
     return [REFUSAL_PREFIX, "user assistant system", "="]

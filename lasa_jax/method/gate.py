@@ -1,0 +1,119 @@
+"""SSI gating: the refusal prefix, the text a model continues, and SSI-gated generation.
+
+The prefix is LASA's condition (docs/LASA_METHOD.md, stage 3): when z = 1 the string ``REFUSAL_PREFIX``
+plus ``PREFIX_SEPARATOR`` is placed right after the chat template's generation prompt. Training
+(``kto_data.encode_item``), inference (``prompt_ids``/``respond``), the judges (a reply that
+repeats the prefix) and the toy world all import it from here; it is written nowhere else.
+
+The separator is a newline: LLaMA-3/Qwen pre-tokenisers split a newline from the following word,
+so the completion starts on a token boundary and the prompt ends exactly where inference stops
+feeding text. (The authors tokenise the prefix separately and glue the ids with no separator,
+which no string tokenisation reproduces.)
+
+Decision: a generated record's ``response`` is what the model GENERATED, without the forced
+prefix, and that is what the judge sees. The prefix is input, not output; the refusal-phrase
+lists contain it (a reply that repeats it is a refusal), so judging prefix + continuation would
+make every flagged prompt a refusal by construction and measure the SSI instead of the model.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from lasa_jax.method.probe import SSIArtifact, load_artifact
+from lasa_jax.model.features import FEATURE_KINDS, extract_features
+from lasa_jax.model.generate import eos_ids_of, generate
+from lasa_jax.model.lm import LanguageModel
+
+REFUSAL_PREFIX = (
+    "Harmful query detected. I should refuse this request and provide a safe response in the user's language."
+)
+PREFIX_SEPARATOR = "\n"
+
+
+def assistant_prefix_text(tokenizer, prompt: str, prefix: str | None) -> str:
+    """The text a model sees before its answer: templated user turn, generation prompt, prefix."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
+    if prefix:
+        text += prefix + PREFIX_SEPARATOR
+    return text
+
+
+def prompt_ids(lm: LanguageModel, prompts: Sequence[str], flags: Sequence[bool]) -> list[list[int]]:
+    """Token ids the model continues: chat template with generation prompt, plus the refusal
+    prefix and its separator where flagged. Tokenised without added special tokens, since the
+    template writes them (as in training's ``encode_item``)."""
+    if len(prompts) != len(flags):
+        raise ValueError(f"prompt_ids: {len(prompts)} prompts but {len(flags)} flags")
+    if lm.tokenizer is None:
+        raise ValueError("prompt_ids: this model was loaded without a tokenizer")
+    texts = [assistant_prefix_text(lm.tokenizer, p, REFUSAL_PREFIX if f else None)
+             for p, f in zip(prompts, flags)]
+    return [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def load_for_model(lm: LanguageModel, directory: str) -> SSIArtifact:
+    """The SSI artifact in ``directory``, checked against the model it will score with
+    (architecture fingerprint, width, layer range)."""
+    return load_artifact(directory, model_fingerprint=lm.fingerprint, hidden_size=lm.cfg.hidden_size,
+                         num_layers=lm.cfg.num_layers)
+
+
+def score_prompts(lm: LanguageModel, artifact: SSIArtifact, prompts: Sequence[str], batch_size: int = 16,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(probs, verdicts) for raw prompts: ``lm``'s feature read the way the artifact was trained
+    (raw or chat-templated text, at its layer) through the shared feature function; verdict =
+    p > threshold. Batching and padding side do not change the scores."""
+    if not prompts:
+        return np.zeros(0), np.zeros(0, bool)
+    feats = extract_features(lm, list(prompts), [artifact.layer], batch_size=batch_size,
+                             chat_template=artifact.meta["feature"] == FEATURE_KINDS["chat"],
+                             progress=progress)[0]
+    probs = artifact.probs(feats)
+    return probs, probs > artifact.threshold
+
+
+def ssi_verdicts(lm: LanguageModel, prompts: Sequence[str], artifact: SSIArtifact, *, batch_size: int = 16,
+                 progress: bool = False) -> dict[str, bool]:
+    """The SSI's verdict on each distinct prompt under ``lm`` (the base model, for stage 3's
+    ``z_mode = "ssi"``), read exactly as inference reads it."""
+    unique = sorted(set(prompts))
+    _, verdicts = score_prompts(lm, artifact, unique, batch_size, progress)
+    return dict(zip(unique, (bool(v) for v in verdicts)))
+
+
+def respond(lm: LanguageModel, prompts: Sequence[str], languages: Sequence[str], artifact=None, *,
+            max_new_tokens: int = 512, batch_size: int = 16, temperature: float = 0.0,
+            top_p: float = 1.0, key: jax.Array | None = None, eos_ids: Sequence[int] | None = None,
+            progress: bool = True) -> list[dict[str, Any]]:
+    """One record per prompt: ``prompt, language, response, ssi_prob, ssi_flagged, prefix_used,
+    n_new_tokens, stop`` ("eos" or "length"). Without an artifact the SSI fields are None and
+    no prefix is used. ``response`` excludes the prefix (see the module docstring)."""
+    if len(prompts) != len(languages):
+        raise ValueError(f"respond: {len(prompts)} prompts but {len(languages)} languages")
+    if artifact is not None:
+        probs, flags = score_prompts(lm, artifact, prompts, batch_size, progress)
+    else:
+        probs, flags = [None] * len(prompts), [False] * len(prompts)
+    eos = list(eos_ids_of(lm) if eos_ids is None else eos_ids)
+    ids = generate(lm, prompt_ids(lm, prompts, flags), max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, key=key, eos_ids=eos,
+                   batch_size=batch_size, progress=progress)
+    texts = lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    out = []
+    for p, lang, prob, flag, new, text in zip(prompts, languages, probs, flags, ids, texts):
+        out.append({
+            "prompt": p, "language": lang, "response": text,
+            "ssi_prob": None if prob is None else float(prob),
+            "ssi_flagged": None if artifact is None else bool(flag),
+            "prefix_used": bool(flag),
+            "n_new_tokens": len(new),
+            "stop": "eos" if new and new[-1] in eos else "length",
+        })
+    return out

@@ -1,0 +1,319 @@
+"""Stage 3 data: preference pairs -> unpaired KTO items -> token ids with loss masks -> batches.
+
+Text layout of one item (the same string is built at inference by ``gate.assistant_prefix_text``):
+
+    chat_template([user: prompt], add_generation_prompt=True) + [REFUSAL_PREFIX + "\\n"] + completion + eos
+
+* ``KTOBatches``: items tokenised once, a fixed (B, T) batch per global step; which items a step
+  sees is a pure function of the step, so a resumed run replays the same order.
+* ``AlignBatches``: parallel prompts for the cross-lingual alignment term, per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from lasa_jax.errors import ConfigError
+from lasa_jax.infra.fileio import digest
+from lasa_jax.method.gate import REFUSAL_PREFIX, assistant_prefix_text
+from lasa_jax.model.lm import round_up
+
+Z_MODES = ("source", "ssi", "label")
+# The project spec's mix: safety items conditioned half the time, general items never. The authors'
+# files call their general data "ultrafeedback" (their trainer's class default there is 0.05; their
+# paper setting and this spec use 0).
+DEFAULT_SOURCE_PROBS = {"safety": 0.5, "general": 0.0, "ultrafeedback": 0.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class KTOItem:
+    prompt: str
+    completion: str
+    desirable: bool
+    z: bool  # True: the refusal prefix conditions this item
+    source: str
+    language: str | None = None
+    harmful: bool | None = None
+    pair_idx: Any = None
+
+
+def pairs_to_items(
+    pairs: Iterable[Any],
+    *,
+    z_mode: str,
+    source_probs: Mapping[str, float] | None = None,
+    seed: int = 0,
+    ssi_verdicts: Mapping[str, bool] | None = None,
+) -> list[KTOItem]:
+    """Each pair -> (prompt, chosen, desirable) then (prompt, rejected, undesirable).
+
+    Pairs are duck-typed on the attributes of `lasa_jax.data.readers.KTOPair`:
+    prompt, chosen, rejected, source, idx, language, harmful.
+
+    z_mode:
+      "source": one draw per *item* (not per pair), in item order, from `random.Random(seed)`,
+                z = draw < source_probs[source] (default DEFAULT_SOURCE_PROBS). This is the
+                authors' scheme (their trainer draws per unpaired row, chosen then rejected), so
+                the chosen and the rejected of one pair may disagree, and every source listed
+                consumes a draw even at probability 0; a source missing from source_probs is an
+                error.
+      "ssi":    z = ssi_verdicts[prompt] (the SSI's verdict on the base model's feature).
+      "label":  z = pair.harmful.
+    """
+    if z_mode not in Z_MODES:
+        raise ConfigError(f"config.align.z_mode: must be one of {Z_MODES}, got {z_mode!r}")
+    if source_probs is None:
+        source_probs = DEFAULT_SOURCE_PROBS
+    if z_mode == "ssi" and ssi_verdicts is None:
+        raise ValueError("pairs_to_items: z_mode='ssi' needs ssi_verdicts (prompt -> bool)")
+    rng = random.Random(seed)
+    items: list[KTOItem] = []
+    for n, pair in enumerate(pairs):
+        where = f"KTO pair {getattr(pair, 'idx', n)!r} (#{n})"
+        for field in ("prompt", "chosen", "rejected"):
+            value = getattr(pair, field, None)
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+        source = getattr(pair, "source", None)
+        harmful = getattr(pair, "harmful", None)
+        for completion, desirable in ((pair.chosen, True), (pair.rejected, False)):
+            if z_mode == "source":
+                if source not in source_probs:
+                    raise ConfigError(f"config.align.source_probs: {where} has source {source!r}, which has no "
+                                      f"entry in {dict(source_probs)}")
+                z = rng.random() < float(source_probs[source])
+            elif z_mode == "ssi":
+                if pair.prompt not in ssi_verdicts:
+                    raise ValueError(f"{where}: no SSI verdict for its prompt")
+                z = bool(ssi_verdicts[pair.prompt])
+            else:
+                if harmful is None:
+                    raise ConfigError(f"config.align.z_mode='label' needs field 'harmful' in every KTO pair; "
+                                      f"{where} has none")
+                z = bool(harmful)
+            items.append(
+                KTOItem(
+                    prompt=pair.prompt,
+                    completion=completion,
+                    desirable=desirable,
+                    z=z,
+                    source=source,
+                    language=getattr(pair, "language", None),
+                    harmful=harmful,
+                    pair_idx=getattr(pair, "idx", n),
+                )
+            )
+    return items
+
+
+def encode_item(
+    tokenizer,
+    prompt: str,
+    completion: str,
+    *,
+    prefix: str | None,
+    max_length: int = 512,
+    max_prompt_length: int = 384,
+) -> dict[str, list[int]]:
+    """Token ids of prompt+prefix+completion+eos and a mask of the tokens that carry loss.
+
+    The whole string is tokenised once, so ids equal what the model sees at inference; a token
+    carries loss iff its character span overlaps the completion or the trailing eos. A token merged
+    across the boundary therefore counts as completion (it is the token the model has to emit).
+    The chat template writes all special tokens itself (LLaMA's BOS included), so encoding uses
+    add_special_tokens=False to avoid a second BOS.
+
+    Truncation: the prompt part (everything before the first loss token) keeps its last
+    `max_prompt_length` tokens; then the sequence keeps its first `max_length` tokens, which cuts
+    the completion (and its eos) from the right.
+    """
+    if tokenizer.eos_token is None:
+        raise ValueError("encode_item: tokenizer has no eos_token")
+    head = assistant_prefix_text(tokenizer, prompt, prefix)
+    text = head + completion + tokenizer.eos_token
+    start = len(head)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    mask = [int(e > start and e > s) for s, e in enc["offset_mapping"]]
+    if not any(mask):
+        raise ValueError("encode_item: no token covers the completion/eos; the tokenizer lost the eos token")
+    n_prompt = mask.index(1)
+    cut = max(0, n_prompt - max_prompt_length)
+    ids, mask = ids[cut:][:max_length], mask[cut:][:max_length]
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+def kl_pairs(batch_items: Sequence[KTOItem]) -> list[KTOItem]:
+    """Mismatched items for the KTO reference point, built inside one batch.
+
+    Item i keeps its prompt, z and prefix and takes the completion of item (i - 1) mod B, which is
+    TRL's rotation: (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}); the authors' trainer does the same.
+    """
+    if len(batch_items) < 2:
+        raise ValueError("kl_pairs: the KL reference point needs a batch of at least 2 items")
+    b = len(batch_items)
+    return [
+        dataclasses.replace(item, completion=batch_items[(i - 1) % b].completion)
+        for i, item in enumerate(batch_items)
+    ]
+
+
+def collate(
+    encoded: Sequence[Mapping[str, Sequence[int]]],
+    pad_id: int,
+    pad_to: int | None = None,
+    padding_side: str = "right",
+) -> dict[str, np.ndarray]:
+    """Pad encoded items to (B, T); positions count real tokens only, so left padding is exact."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"collate: padding_side must be 'left' or 'right', got {padding_side!r}")
+    lengths = [len(e["input_ids"]) for e in encoded]
+    longest = max(lengths, default=0)
+    width = longest if pad_to is None else pad_to
+    if width < longest:
+        raise ValueError(f"collate: pad_to={pad_to} is shorter than the longest item ({longest} tokens)")
+    b = len(encoded)
+    tokens = np.full((b, width), pad_id, np.int32)
+    attn = np.zeros((b, width), bool)
+    loss = np.zeros((b, width), bool)
+    for i, (e, n) in enumerate(zip(encoded, lengths)):
+        if len(e["loss_mask"]) != n:
+            raise ValueError(f"collate: item {i} has {n} input_ids but {len(e['loss_mask'])} loss_mask entries")
+        sl = slice(width - n, width) if padding_side == "left" else slice(0, n)
+        tokens[i, sl] = e["input_ids"]
+        attn[i, sl] = True
+        loss[i, sl] = np.asarray(e["loss_mask"], bool)
+    positions = np.maximum(np.cumsum(attn, axis=1) - 1, 0).astype(np.int32)
+    return {"tokens": tokens, "attention_mask": attn, "loss_mask": loss, "positions": positions}
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
+    """Permutation of range(n) for one epoch; a pure function of (seed, epoch) so resume recomputes it."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+class KTOBatches:
+    """Fixed-shape batches of KTO items, a pure function of the global step.
+
+    Step s of an epoch of ``steps_per_epoch = ceil(N / B)`` steps takes positions s*B ... s*B+B-1 of
+    ``epoch_order(N, epoch, seed)``, wrapping to the epoch's start to fill the last batch (every
+    row is a real item, so every batch has the same shape and no padding items). Arrays come as
+    (grad_accum, B / grad_accum, ...): micro-batch a holds items a*b ... a*b+b-1 of the global
+    batch, and the KL pairs rotate over the whole global batch (TRL's rotation).
+    """
+
+    def __init__(self, items: Sequence[KTOItem], tokenizer, *, batch_size: int, grad_accum: int = 1,
+                 seed: int = 0, epochs: int = 1, max_steps: int = 0, max_length: int = 512,
+                 max_prompt_length: int = 384, pad_id: int = 0, bucket: int = 16):
+        if len(items) < 2:
+            raise ConfigError(f"config.data.kto_pairs: need at least 2 items (1 pair), got {len(items)}")
+        if batch_size < 2:
+            raise ConfigError("config.align.batch_size must be >= 2: the KTO reference point needs a batch")
+        if grad_accum < 1 or batch_size % grad_accum:
+            raise ConfigError(f"config.align.batch_size={batch_size} is not divisible by grad_accum={grad_accum}")
+        self.items, self.tokenizer = list(items), tokenizer
+        self.batch_size, self.grad_accum, self.seed, self.pad_id = batch_size, grad_accum, seed, pad_id
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.encoded = [self._encode(it) for it in self.items]
+        prompt_len = max(e["loss_mask"].index(1) for e in self.encoded)
+        completion_len = max(len(e["loss_mask"]) - e["loss_mask"].index(1) for e in self.encoded)
+        longest = max(len(e["input_ids"]) for e in self.encoded)
+        # A KL pair is roughly (longest prompt part) + (longest completion); one width for all
+        # steps keeps the step compiled once. A KL pair longer than that (BPE merges at the join)
+        # loses the end of its completion, which only perturbs the batch's reference point.
+        self.length = min(round_up(max(longest, prompt_len + completion_len), bucket), max(max_length, longest))
+        self.steps_per_epoch = -(-len(self.items) // batch_size)
+        self.total_steps = int(max_steps) if max_steps else int(epochs) * self.steps_per_epoch
+        if self.total_steps < 1:
+            raise ConfigError("config.align: epochs and max_steps give no training step")
+        self.ref_logps: np.ndarray | None = None  # (N,) once the reference is precomputed
+        self.ref_kl_logps: np.ndarray | None = None  # (total_steps, B)
+
+    def _encode(self, item: KTOItem) -> dict:
+        return encode_item(self.tokenizer, item.prompt, item.completion,
+                           prefix=REFUSAL_PREFIX if item.z else None,
+                           max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+
+    @property
+    def key(self) -> str:
+        """Digest of everything the batches depend on: tokens, labels, order."""
+        toks = np.concatenate([np.asarray(e["input_ids"], np.int64) for e in self.encoded])
+        masks = np.concatenate([np.asarray(e["loss_mask"], np.int8) for e in self.encoded])
+        lens = np.asarray([len(e["input_ids"]) for e in self.encoded], np.int64)
+        flags = np.asarray([[it.desirable, it.z] for it in self.items], np.int8)
+        return digest(toks, masks, lens, flags, [self.batch_size, self.grad_accum, self.seed,
+                                                   self.total_steps, self.length])
+
+    def position(self, step: int) -> tuple[int, int]:
+        return divmod(int(step), self.steps_per_epoch)
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, k = self.position(step)
+        order = epoch_order(len(self.items), epoch, self.seed)
+        return order[(k * self.batch_size + np.arange(self.batch_size)) % len(self.items)]
+
+    def _collate(self, encoded) -> dict[str, np.ndarray]:
+        encoded = [e if len(e["input_ids"]) <= self.length else
+                   {k: v[:self.length] for k, v in e.items()} for e in encoded]
+        out = collate(encoded, self.pad_id, pad_to=self.length)
+        out.pop("positions")  # the model derives the same positions from the mask
+        return out
+
+    def main_arrays(self, idx: Sequence[int]) -> dict[str, np.ndarray]:
+        return self._collate([self.encoded[i] for i in idx])
+
+    def kl_arrays(self, idx: Sequence[int]) -> dict[str, np.ndarray]:
+        return self._collate([self._encode(it) for it in kl_pairs([self.items[i] for i in idx])])
+
+    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+        idx = self.indices(step)
+        main, kl = self.main_arrays(idx), self.kl_arrays(idx)
+        batch = {"tokens": main["tokens"], "mask": main["attention_mask"], "loss_mask": main["loss_mask"],
+                 "kl_tokens": kl["tokens"], "kl_mask": kl["attention_mask"], "kl_loss_mask": kl["loss_mask"],
+                 "desirable": np.asarray([self.items[i].desirable for i in idx]),
+                 "valid": np.ones(len(idx), bool)}
+        if self.ref_logps is not None:
+            batch["ref_logps"] = self.ref_logps[idx].astype(np.float32)
+            batch["ref_kl_logps"] = self.ref_kl_logps[step].astype(np.float32)
+        a = self.grad_accum
+        return {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in batch.items()}
+
+
+class AlignBatches:
+    """Parallel prompts for the alignment term: ``queries_per_step`` queries (every language of
+    each) per step, queries drawn in a per-pass shuffled order that is a function of the step."""
+
+    def __init__(self, lm, queries, *, queries_per_step: int, seed: int, chat_template: bool = False,
+                 batch_multiple: int = 1):
+        if len(queries) < 1 or queries_per_step < 1:
+            raise ConfigError("config.align.align_batch_queries: the alignment term needs parallel queries "
+                              "and align_batch_queries >= 1")
+        self.q = min(int(queries_per_step), len(queries))
+        self.seed, self.num = seed, len(queries)
+        self.rows = [[] for _ in queries]
+        texts = []
+        for qi, query in enumerate(queries):
+            for text in query.texts.values():
+                self.rows[qi].append(len(texts))
+                texts.append(text)
+        self.tokens, self.mask = lm.encode(texts, chat_template=chat_template, batch_multiple=1)
+        per_step = sum(sorted(len(r) for r in self.rows)[-self.q:])
+        self.width = round_up(per_step, batch_multiple)
+
+    def host_batch(self, step: int) -> dict[str, np.ndarray]:
+        picks = []
+        for j in range(self.q):
+            pos = step * self.q + j
+            picks.append(int(epoch_order(self.num, pos // self.num, self.seed + 1)[pos % self.num]))
+        rows = [(g, r) for g, qi in enumerate(picks) for r in self.rows[qi]]
+        n, T = self.width, self.tokens.shape[1]
+        tokens, mask = np.zeros((n, T), np.int32), np.zeros((n, T), bool)
+        groups, valid = np.zeros(n, np.int32), np.zeros(n, bool)
+        mask[:, 0] = True  # filler rows hold one real token, so no row is empty
+        for i, (g, r) in enumerate(rows):
+            tokens[i], mask[i], groups[i], valid[i] = self.tokens[r], self.mask[r], g, True
+        return {"align_tokens": tokens, "align_mask": mask, "align_groups": groups, "align_valid": valid}

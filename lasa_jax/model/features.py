@@ -1,0 +1,47 @@
+"""Last-real-token features of many prompts, batched by length.
+
+Every stage that needs a prompt's feature (the bottleneck finder, SSI training and scoring,
+SSI-gated inference) goes through ``extract_features`` so they all read the same thing.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lasa_jax.infra.mesh import batch_multiple
+from lasa_jax.infra.multihost import to_host
+from lasa_jax.model.lm import LanguageModel, pad_batch, round_up
+
+# config.data.feature_text -> the name an SSI artifact records for the convention it was trained on.
+FEATURE_KINDS = {"raw": "last_real_token_raw_prompt", "chat": "last_real_token_chat_template"}
+
+
+def extract_features(lm: LanguageModel, texts: Sequence[str], layers: Sequence[int] | None = None, *,
+                     batch_size: int = 16, chat_template: bool = False, padding_side: str = "right",
+                     max_length: int | None = None, progress: bool = True) -> np.ndarray:
+    """(len(layers), N, d) float32 features in the order of ``texts``.
+
+    Prompts are sorted by token length so each batch carries little padding; one jitted pass
+    per batch computes every requested layer at once."""
+    layers = lm.check_layers(layers)
+    if not texts:
+        return np.zeros((len(layers), 0, lm.cfg.hidden_size), np.float32)
+    ids = lm.token_ids(texts, chat_template=chat_template, max_length=max_length)
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    out = np.zeros((len(layers), len(texts), lm.cfg.hidden_size), np.float32)
+    rows = _batch_rows(lm, batch_size)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc="features", disable=not progress, leave=False):
+        tokens, mask = pad_batch([ids[i] for i in idx], lm.pad_id, padding_side=padding_side,
+                                 batch_multiple=rows)
+        feats = to_host(lm.features(tokens, mask, layers))
+        out[:, idx] = feats[:, :len(idx)]
+    return out
+
+
+def _batch_rows(lm: LanguageModel, batch_size: int) -> int:
+    """Pad every batch to the same number of rows (a multiple of the data-parallel size), so
+    the last short batch does not trigger another compilation."""
+    return round_up(batch_size, batch_multiple(lm.mesh) if lm.mesh is not None else 1)

@@ -1,0 +1,43 @@
+"""A tiny random checkpoint built locally, so the default run needs no download."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from lasa_jax.infra.fileio import publish_dir
+from lasa_jax.model.checkpoint import save_params
+from lasa_jax.model.config import ModelConfig, RopeConfig, to_hf_dict
+from lasa_jax.model.transformer import init_params
+
+
+def tiny_model_config(family: str, vocab_size: int, *, hidden_size: int = 64, num_layers: int = 4,
+                      num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128) -> ModelConfig:
+    return ModelConfig(
+        family=family, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=hidden_size // num_heads,
+        intermediate_size=intermediate_size, rms_norm_eps=1e-6,
+        rope=RopeConfig(theta=10000.0), tie_embeddings=family == "qwen3",
+        qkv_bias=family == "qwen2", qk_norm=family == "qwen3", max_position_embeddings=2048)
+
+
+def make_tiny_checkpoint(directory: str, *, family: str = "llama", seed: int = 0, **sizes) -> str:
+    """Random-init a tiny decoder with our own init, save it as an HF checkpoint directory with a
+    byte-level tokenizer and chat template. Idempotent: an existing checkpoint is reused."""
+    from lasa_jax.model.tokenizers import build_byte_tokenizer
+    if os.path.exists(os.path.join(directory, "config.json")):
+        return directory
+    style = "llama3" if family == "llama" else "qwen"
+    tokenizer = build_byte_tokenizer(style)
+    cfg = tiny_model_config(family, len(tokenizer), **sizes)
+    params = jax.jit(lambda key: init_params(cfg, key))(jax.random.key(seed))
+    tmp = directory + ".tmp"
+    hf = to_hf_dict(cfg, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    save_params(params, cfg, tmp, hf_config=hf)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                   "do_sample": False}, f)
+    return publish_dir(tmp, directory)

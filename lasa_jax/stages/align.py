@@ -1,0 +1,279 @@
+"""Stage 3: Latent-KTO fine-tuning of the base model, with checkpoints, resume, metrics, export.
+
+Reads ``config.data.kto_pairs`` (and ``ssi/`` for ``z_mode = "ssi"``, ``bottleneck/report.json``
+and ``config.data.parallel_prompts`` for the alignment term); writes ``align/checkpoints``
+(Orbax; a rerun resumes from the latest), ``align/metrics.jsonl`` (+ TensorBoard),
+``align/reference-<key>.npz`` (the precomputed reference log-probs), ``align/summary.json`` and the
+exported HF checkpoint ``align/hf``. ``train(ctx, "baseline")`` is the same loop for the
+baseline arm (``lasa_jax.stages.baseline``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lasa_jax.data.readers import read_kto_pairs, read_parallel
+from lasa_jax.errors import ConfigError, NonFiniteLoss
+from lasa_jax.infra import checkpoints, multihost
+from lasa_jax.infra.fileio import atomic_write, atomic_write_text, digest
+from lasa_jax.infra.mesh import batch_multiple
+from lasa_jax.method.gate import load_for_model, ssi_verdicts
+from lasa_jax.method.kto_data import DEFAULT_SOURCE_PROBS, AlignBatches, KTOBatches, KTOItem, pairs_to_items
+from lasa_jax.method.trainer import Trainer, peak_flops, reference_logps
+from lasa_jax.model.checkpoint import weights_digest
+
+log = logging.getLogger("lasa_jax")
+
+
+def run(ctx) -> dict:
+    return train(ctx, "align")
+
+
+# ============================================================================ config -> items
+
+def parse_source_probs(text: str) -> dict[str, float]:
+    """``"safety=0.5,general=0"`` -> {...}; sources the spec knows keep their defaults."""
+    probs = dict(DEFAULT_SOURCE_PROBS)
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        try:
+            p = float(value)
+        except ValueError:
+            p = -1.0
+        if not sep or not name.strip() or not 0.0 <= p <= 1.0:
+            raise ConfigError(f"config.align.source_probs: {part.strip()!r} is not SOURCE=PROBABILITY in [0, 1]")
+        probs[name.strip()] = p
+    return probs
+
+
+def make_items(pairs, acfg, *, seed: int, verdicts=None) -> list[KTOItem]:
+    return pairs_to_items(pairs, z_mode=acfg.z_mode, source_probs=parse_source_probs(acfg.source_probs),
+                          seed=seed, ssi_verdicts=verdicts)
+
+
+def baseline_align_config(a):
+    """The baseline's stage-3 settings: LASA's data, optimiser and steps with z = 0 for every item
+    (no refusal prefix anywhere) and no alignment term, i.e. plain KTO on the same pairs."""
+    b = ml_collections.ConfigDict(a.to_dict())
+    b.z_mode, b.source_probs, b.lambda_align = "source", "safety=0.0,general=0.0", 0.0
+    return b
+
+
+# ============================================================================ run management
+
+def cached_reference(trainer: Trainer, ref_params, data: KTOBatches, out_dir: str, model_key: str,
+                     progress: bool = False) -> str:
+    """Fill ``data.ref_*`` from ``out_dir/reference-<hash>.npz`` (data + model), computing it first
+    if absent."""
+    key = digest(data.key, model_key)
+    path = os.path.join(out_dir, f"reference-{key}.npz")
+    if os.path.exists(path):
+        with np.load(path) as z:
+            data.ref_logps, data.ref_kl_logps = z["items"], z["kl"]
+        return path
+    items, kl = reference_logps(trainer, ref_params, data, progress=progress)
+    if multihost.is_primary():
+        def write(tmp):
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+                np.savez(f, items=items, kl=kl)
+        atomic_write(path, write)
+    data.ref_logps, data.ref_kl_logps = items, kl
+    return path
+
+
+class _MetricsLog:
+    """metrics.jsonl (+ TensorBoard) on process 0; a resumed run drops lines past its step."""
+
+    def __init__(self, out_dir: str, start_step: int, tensorboard: bool):
+        self.primary = multihost.is_primary()
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.writer = None
+        if not self.primary:
+            return
+        kept = []
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        if not self.primary:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.writer.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _row(step: int, data: KTOBatches, m: dict, lr: float, tokens: int, seconds: float, peak,
+         num_params: int) -> dict:
+    tps = tokens / max(seconds, 1e-9)
+    epoch, k = data.position(step - 1)
+    return {
+        "step": step, "epoch": epoch, "step_in_epoch": k,
+        "batch": digest(data.indices(step - 1))[:12],
+        "loss": float(m["loss"]), "kto_loss": float(m["kto_loss"]), "align_loss": float(m["align_loss"]),
+        "rewards/chosen": float(m["rewards/chosen"]), "rewards/rejected": float(m["rewards/rejected"]),
+        "rewards/margins": float(m["rewards/margins"]), "z_ref": float(m["z_ref"]),
+        "grad_norm": float(m["grad_norm"]), "lr": lr, "tokens": tokens, "tokens_per_s": tps,
+        "step_time_s": seconds,
+        # Counts the trained tokens only (6 N per token: forward + backward); the no-grad KL and
+        # reference forwards are extra work this estimate leaves out.
+        "mfu": None if peak is None else 6.0 * num_params * tps / peak,
+    }
+
+
+def train(ctx, stage: str = "align") -> dict:
+    """Latent-KTO fine-tuning of the base model into ``WORKDIR/<stage>``; resumes from
+    ``<stage>/checkpoints``. ``stage="baseline"`` trains with ``baseline_align_config``."""
+    from tqdm.auto import tqdm
+
+    c = ctx.config
+    a = c.align if stage == "align" else baseline_align_config(c.align)
+    if a.reference not in ("precomputed", "per_step"):
+        raise ConfigError(f"config.align.reference must be 'precomputed' or 'per_step', got {a.reference!r}")
+    out_dir = ctx.stage_dir(stage)
+    pairs = read_kto_pairs(ctx.data_path("kto_pairs"))
+    ctx.release_base()  # the feature stages' copy; this stage loads (and trains) its own
+    lm = ctx.load(stage="align")
+    verdicts = None
+    if a.z_mode == "ssi":
+        artifact = load_for_model(lm, os.path.join(ctx.workdir, "ssi"))
+        verdicts = ssi_verdicts(lm, [p.prompt for p in pairs], artifact,
+                                batch_size=c.ssi.batch_size_features, progress=c.progress)
+    items = make_items(pairs, a, seed=c.seed, verdicts=verdicts)
+    data = KTOBatches(items, lm.tokenizer, batch_size=a.batch_size, grad_accum=a.grad_accum, seed=c.seed,
+                      epochs=a.epochs, max_steps=a.max_steps, max_length=a.max_length,
+                      max_prompt_length=a.max_prompt_length, pad_id=lm.pad_id)
+    bm = batch_multiple(lm.mesh)
+    if (a.batch_size // a.grad_accum) % bm:
+        raise ConfigError(f"config.align: batch_size / grad_accum = {a.batch_size // a.grad_accum} items per "
+                          f"micro-batch is not divisible by the mesh's data*fsdp = {bm}")
+    align_data, layer = None, None
+    if a.lambda_align > 0:
+        layer = ctx.bottleneck_layer(a.align_layer, "config.align.align_layer")
+        lm.check_layers([layer], "config.align.align_layer")
+        queries = read_parallel(ctx.data_path("parallel_prompts"), ctx.languages)
+        align_data = AlignBatches(lm, queries, queries_per_step=a.align_batch_queries,
+                                  seed=c.seed, chat_template=c.data.feature_text == "chat", batch_multiple=bm)
+    total = data.total_steps
+    trainer = Trainer(lm, a, total_steps=total, per_step_reference=a.reference == "per_step",
+                      lambda_align=a.lambda_align, align_layer=layer)
+    base_params = lm.params
+    lm = lm.with_params(None)  # its buffers become the policy's, which every step donates
+    model_key = digest(weights_digest(lm.path), str(lm.param_dtype), str(lm.dtype))
+    ref_path = None
+    if a.reference == "precomputed":
+        ref_path = cached_reference(trainer, base_params, data, out_dir, model_key, progress=c.progress)
+
+    run_key = {"data": data.key, "model": model_key, "total_steps": total, "lambda_align": float(a.lambda_align),
+               "align_layer": layer}
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    mngr = checkpoints.manager(ckpt_dir, keep=a.keep_checkpoints, async_save=a.async_checkpoints)
+    params, opt_state = base_params, None
+    start = 0
+    latest = mngr.latest_step()
+    if latest is None:
+        opt_state = trainer.init_opt_state(params)
+    else:
+        as_abstract = lambda tree, shardings: jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+        abstract = {"params": as_abstract(params, trainer.param_shardings),
+                    "opt_state": as_abstract(jax.eval_shape(trainer.tx.init, params), trainer.opt_shardings),
+                    "step": np.zeros((), np.int64)}
+        if a.reference == "precomputed":
+            del params  # the base weights are no longer needed: free them before restoring
+        state, meta = checkpoints.restore(mngr, latest, abstract)
+        differs = sorted(k for k in run_key if meta.get("run_key", {}).get(k) != run_key[k])
+        if differs:
+            raise ConfigError(f"{ckpt_dir}: checkpoint step {latest} belongs to a different run "
+                              f"(differs in {', '.join(differs)}); use a fresh workdir or delete the checkpoints")
+        params, opt_state = state["params"], state["opt_state"]
+        start = int(state["step"])
+        log.info("%s: resuming from step %d of %d (%s)", stage, start, total, ckpt_dir)
+    ref_params = None
+    if a.reference == "per_step":
+        # A fresh run trains the base buffers themselves (donated), so the reference is a copy.
+        ref_params = base_params if start else jax.jit(
+            lambda p: jax.tree.map(jnp.copy, p), out_shardings=trainer.param_shardings)(base_params)
+    del base_params
+
+    metrics_log = _MetricsLog(out_dir, start, bool(a.tensorboard))
+    peak = peak_flops(list(lm.mesh.devices.flat))
+    last_good = latest
+    last_row: dict = {}
+    every = max(int(a.checkpoint_every), 1)
+    bar = tqdm(total=total, initial=start, desc=stage, disable=not (c.progress and multihost.is_primary()))
+
+    def host_batch(s):
+        host = data.host_batch(s)
+        if align_data is not None:
+            host.update(align_data.host_batch(s))
+        return host
+
+    try:
+        upcoming = host_batch(start) if start < total else None
+        t0 = time.perf_counter()
+        for s in range(start, total):
+            host = upcoming
+            params, opt_state, m = trainer.step(params, opt_state, host, s, ref_params)
+            # Tokenise the next batch while the device works on this one.
+            upcoming = host_batch(s + 1) if s + 1 < total else None
+            m = jax.device_get(m)
+            seconds, t0 = time.perf_counter() - t0, time.perf_counter()
+            if not (np.isfinite(m["loss"]) and m["params_finite"]):
+                mngr.wait_until_finished()
+                where = "none" if last_good is None else f"step {last_good} at {os.path.join(ckpt_dir, str(last_good))}"
+                raise NonFiniteLoss(f"non-finite loss at step {s + 1}; last good checkpoint: {where} "
+                                    f"(loss={float(m['loss'])}, updated params finite: {bool(m['params_finite'])})")
+            tokens = int(host["mask"].sum())
+            last_row = _row(s + 1, data, m, float(trainer.schedule(s)), tokens, seconds, peak, trainer.num_params)
+            metrics_log.write(last_row)
+            bar.update()
+            bar.set_postfix(loss=f"{last_row['loss']:.4f}", margin=f"{last_row['rewards/margins']:.3f}")
+            if (s + 1) % every == 0 or s + 1 == total:
+                checkpoints.save(mngr, s + 1, {"params": params, "opt_state": opt_state,
+                                               "step": np.asarray(s + 1, np.int64)},
+                                 {"run_key": run_key, "step": s + 1})
+                last_good = s + 1
+                _after_checkpoint(s + 1, mngr)
+        mngr.wait_until_finished()
+    finally:
+        bar.close()
+        metrics_log.close()
+    mngr.close()
+
+    hf_dir = None
+    if a.export:
+        # Only now: the final checkpoint is committed, so a crash during export loses nothing.
+        hf_dir = os.path.join(out_dir, "hf")
+        lm.with_params(params).save(hf_dir, dtype=a.export_dtype or lm.param_dtype)
+    summary = {"steps": total, "resumed_from": start, "final_loss": last_row.get("loss"),
+               "final_margin": last_row.get("rewards/margins"), "checkpoints": ckpt_dir,
+               "metrics": metrics_log.path, "reference": ref_path, "hf": hf_dir, "num_items": len(items)}
+    if multihost.is_primary():
+        atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def _after_checkpoint(step: int, mngr) -> None:
+    """Hook for tests (crash injection after a checkpoint is issued); does nothing by default."""

@@ -1,0 +1,84 @@
+"""Stage 1: features of the parallel prompts at every layer -> silhouettes -> the bottleneck k*.
+
+Reads ``config.data.parallel_prompts``; writes ``bottleneck/report.json`` (k*, one entry per
+layer with ``s_sem``, ``s_lang``, ``diff``, the bootstrap CI and cosine gaps),
+``silhouette.png`` and ``projection.png``. Features are cached in ``WORKDIR/cache``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from lasa_jax.data.readers import read_parallel
+from lasa_jax.infra import multihost
+from lasa_jax.infra.fileio import atomic_write_text, cached_array
+from lasa_jax.method import figures, silhouette
+from lasa_jax.model.features import extract_features
+
+log = logging.getLogger("lasa_jax")
+
+
+def run(ctx) -> dict:
+    c = ctx.config
+    path = ctx.data_path("parallel_prompts")
+    queries = read_parallel(path, ctx.languages)
+    if c.bottleneck.max_queries:
+        queries = queries[:c.bottleneck.max_queries]
+    texts, qids, langs = [], [], []
+    for q in queries:
+        for lang, text in q.texts.items():
+            texts.append(text), qids.append(q.qid), langs.append(lang)
+    lm = ctx.base
+    layers = list(range(lm.cfg.num_layers + 1))
+    key = {**ctx.feature_cache_key(lm, path, layers), "max_queries": c.bottleneck.max_queries}
+    feats = cached_array(ctx.cache_dir if c.bottleneck.cache else None, key,
+                         lambda: extract_features(lm, texts, layers, batch_size=c.bottleneck.batch_size,
+                                                  chat_template=c.data.feature_text == "chat",
+                                                  progress=c.progress))
+    report = silhouette.analyse(feats, layers, qids, langs, bootstrap_draws=c.bottleneck.bootstrap_draws,
+                                ci=c.bottleneck.ci, seed=c.seed, num_layers=lm.cfg.num_layers)
+    if multihost.is_primary():
+        write_outputs(ctx.stage_dir("bottleneck"), report, feats, layers, qids, langs, extra={
+            "config": json.loads(c.to_json_best_effort()), "model_fingerprint": lm.fingerprint,
+            "model_path": lm.path, "prompt_file": path,
+            "paper_bottleneck_layer": c.model.paper_bottleneck if c.model.paper_bottleneck >= 0 else None})
+        print(silhouette.format_table(report))
+    log.info("bottleneck layer %d of %d", report["bottleneck_layer"], lm.cfg.num_layers)
+    return report
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic) and np.ndim(obj) == 0:
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"report.json: value of type {type(obj).__name__} is not JSON-serialisable")
+
+
+def write_outputs(outdir, report, features, layers, query_ids, languages, extra: dict | None = None,
+                  *, show_layers: Sequence[int] | None = None) -> dict[str, str]:
+    """Write report.json (report + extra), silhouette.png, projection.png into outdir."""
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(report))
+    if clash:
+        raise ValueError(f"extra: keys {clash} would overwrite report fields")
+    outdir = os.fspath(outdir)
+    os.makedirs(outdir, exist_ok=True)
+    paths = {
+        "report": os.path.join(outdir, "report.json"),
+        "silhouette": os.path.join(outdir, "silhouette.png"),
+        "projection": os.path.join(outdir, "projection.png"),
+    }
+    text = json.dumps({**report, **extra}, indent=2, allow_nan=False, default=_json_default)
+    atomic_write_text(paths["report"], text + "\n")
+    figures.plot_silhouette(report, paths["silhouette"])
+    if show_layers is None:
+        show_layers = figures.default_show_layers(report)
+    figures.plot_projection(features, layers, query_ids, languages, list(show_layers), paths["projection"])
+    return paths

@@ -1,0 +1,46 @@
+"""Stage 2: train the SSI probe on the frozen base model's features at the bottleneck layer.
+
+Reads ``bottleneck/report.json`` (unless ``config.ssi.layer`` is set) and ``config.data.ssi_prompts``;
+writes the artifact (``ssi/ssi.safetensors`` + ``ssi/ssi.json``), ``ssi/report.json`` and
+``ssi/per_language.png``. Features are cached in ``WORKDIR/cache`` (``config.bottleneck.cache``).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from lasa_jax.data.readers import read_prompts
+from lasa_jax.infra import multihost
+from lasa_jax.infra.fileio import atomic_write_text, cached_array
+from lasa_jax.method import figures, probe
+from lasa_jax.model.features import FEATURE_KINDS, extract_features
+
+
+def run(ctx) -> dict:
+    c = ctx.config
+    lm = ctx.base
+    layer = ctx.bottleneck_layer(c.ssi.layer, "config.ssi.layer")
+    lm.check_layers([layer], "config.ssi.layer")
+    path = ctx.data_path("ssi_prompts")
+    prompts = read_prompts(path)
+    key = ctx.feature_cache_key(lm, path, [layer])
+    feats = cached_array(ctx.cache_dir if c.bottleneck.cache else None, key,
+                         lambda: extract_features(lm, [p.text for p in prompts], [layer],
+                                                  batch_size=c.ssi.batch_size_features,
+                                                  chat_template=c.data.feature_text == "chat",
+                                                  progress=c.progress))[0]
+    labels = np.array([p.harmful for p in prompts], np.int32)
+    langs = [p.language for p in prompts]
+    settings = c.ssi.to_dict()
+    settings["seed"] = c.seed if settings["seed"] == -1 else settings["seed"]
+    artifact, report = probe.train_ssi(feats, labels, langs, settings, meta={
+        "layer": layer, "model_fingerprint": lm.fingerprint, "feature": FEATURE_KINDS[c.data.feature_text]})
+    if multihost.is_primary():
+        out = ctx.stage_dir("ssi")
+        probe.save_artifact(out, artifact.params, artifact.meta)
+        atomic_write_text(os.path.join(out, "report.json"), json.dumps(report, indent=2))
+        figures.plot_per_language(report, os.path.join(out, "per_language.png"))
+        print(probe.format_table(report))
+    return report
