@@ -19,6 +19,7 @@ from lasa_jax.data.readers import (
     read_parallel,
     read_prompts,
 )
+from lasa_jax.data.sources import Source, resolve
 from lasa_jax.errors import ConfigError, UnknownLanguage
 
 SSI_FIELDS = ("ssi_prompts", "ssi_harmful", "ssi_benign")
@@ -39,17 +40,16 @@ def languages_of(config) -> list[str]:
     return codes
 
 
-def _model_path(config) -> str:
-    return str(config.model.path or "")
-
-
-def _field(name: str) -> str:
-    return f"config.data.{name}"
+def sources_of(config, name: str, languages=None) -> list[Source]:
+    """The sources ``config.data.<name>`` names (errors name the field)."""
+    return resolve(str(config.data[name]), languages=languages, model_path=str(config.model.path or ""),
+                   field=f"config.data.{name}")
 
 
 def parallel_prompts(config) -> list[ParallelQuery]:
     """``data.parallel_prompts`` in the run's languages (stage 1, and the alignment term)."""
-    return read_parallel(config.data.parallel_prompts, languages_of(config), model_path=_model_path(config))
+    langs = languages_of(config)
+    return read_parallel(sources_of(config, "parallel_prompts", langs), langs)
 
 
 def ssi_prompts(config) -> list[Prompt]:
@@ -62,7 +62,7 @@ def ssi_prompts(config) -> list[Prompt]:
     for name, harmful in zip(SSI_FIELDS, (None, True, False)):
         spec = str(config.data[name] or "")
         if spec.strip():
-            prompts += read_prompts(spec, harmful=harmful, languages=langs, model_path=_model_path(config))
+            prompts += read_prompts(sources_of(config, name, langs), harmful=harmful)
     if not any(str(config.data[n] or "").strip() for n in SSI_FIELDS):
         raise ConfigError("config.data.ssi_prompts: empty, and so are data.ssi_harmful and data.ssi_benign")
     kept = [p for p in prompts if p.language in langs]
@@ -75,7 +75,7 @@ def ssi_prompts(config) -> list[Prompt]:
 
 def kto_data(config) -> list[KTOPair | KTOExample]:
     """``data.kto_pairs`` (stage 3): pairs and unpaired examples, in any format the reader takes."""
-    return read_kto_pairs(config.data.kto_pairs, model_path=_model_path(config))
+    return read_kto_pairs(sources_of(config, "kto_pairs", languages_of(config)))
 
 
 def eval_prompts(config, name: str) -> list[EvalPrompt]:
@@ -88,7 +88,8 @@ def eval_prompts(config, name: str) -> list[EvalPrompt]:
         if name == "eval_harmful":
             raise ConfigError("config.data.eval_harmful: empty; the evaluation needs harmful prompts")
         return []
-    return read_eval_prompts(spec, languages_of(config), model_path=_model_path(config))
+    langs = languages_of(config)
+    return read_eval_prompts(sources_of(config, name, langs), langs)
 
 
 def read_all(config) -> dict[str, list]:
@@ -101,4 +102,4 @@ def read_all(config) -> dict[str, list]:
 
 
 __all__ = ["EVAL_FIELDS", "SSI_FIELDS", "eval_prompts", "kto_data", "languages_of", "parallel_prompts",
-           "read_all", "ssi_prompts"]
+           "read_all", "sources_of", "ssi_prompts"]
