@@ -158,7 +158,7 @@ def resolve(text: str, *, languages: Sequence[str] | None = None, model_path: st
             out.extend(Source(spec=m, kind=_kind_of(m, spec, field), path=m, columns=columns) for m in matches)
             continue
         if not os.path.exists(path):
-            raise DataError(path, None, field, "not found")
+            raise DataError(path, None, field, "not found" if field == "file" else "data file not found")
         out.append(Source(spec=path, kind=_kind_of(path, spec, field), path=path, columns=columns))
     return out
 
