@@ -192,6 +192,29 @@ def test_multi_turn_and_unpaired_kto_records(tmp_path):
         read_kto_pairs(str(path))
 
 
+def test_run_languages_outside_multijail():
+    c = base_config()
+    c.data.languages = "en, es,FR,Hindi,ja,ru,de,bn"  # XSafety's languages
+    assert inputs.languages_of(c) == ["en", "es", "fr", "hi", "ja", "ru", "de", "bn"]
+    for bad, needle in (("en,xx", "unknown language 'xx'"), ("en,EN", r"\['en'\] listed twice"), (" , ", "empty")):
+        c.data.languages = bad
+        with pytest.raises(ConfigError, match=f"config.data.languages: .*{needle}"):
+            inputs.languages_of(c)
+
+
+def test_evaluate_fails_before_generating_when_the_judge_cannot_cover_a_language(tmp_path):
+    """The phrase judge has no phrases for ja: the evaluate stage stops at its first line, before
+    any model loads or any prompt is generated."""
+    from lasa_jax.context import Context
+    from lasa_jax.stages import evaluate
+    c = base_config()
+    c.workdir = str(tmp_path / "run")
+    c.data.languages = "en,ja"
+    with pytest.raises(ConfigError, match=r"judge 'refusal' cannot judge .*no refusal phrases: \['ja'\]"):
+        evaluate.run(Context(c))
+    assert not (tmp_path / "run" / "evaluate").exists()
+
+
 def test_issue_overrides_name_real_fields():
     c = base_config()
     for arg in cli_overrides("/x"):

@@ -13,6 +13,8 @@ import os
 import numpy as np
 
 from lasa_jax.data import inputs
+from lasa_jax.data.languages import normalize_language
+from lasa_jax.errors import ConfigError, UnknownLanguage
 from lasa_jax.infra import multihost
 from lasa_jax.infra.fileio import atomic_write_text, cached_array
 from lasa_jax.method import figures, probe
@@ -35,6 +37,10 @@ def run(ctx) -> dict:
     langs = [p.language for p in prompts]
     settings = c.ssi.to_dict()
     settings["seed"] = c.seed if settings["seed"] == -1 else settings["seed"]
+    try:  # "jw", "Javanese" and "jv" name one language, as in the data files
+        settings["train_languages"] = tuple(normalize_language(x) for x in settings["train_languages"])
+    except UnknownLanguage as e:
+        raise ConfigError(f"config.ssi.train_languages: {e}") from None
     artifact, report = probe.train_ssi(feats, labels, langs, settings, meta={
         "layer": layer, "model_fingerprint": lm.fingerprint, "feature": FEATURE_KINDS[c.data.feature_text]})
     if multihost.is_primary():
