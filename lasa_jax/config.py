@@ -73,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "bfloat16"
     c.model.remat = "none"  # none | full | dots | dots_no_batch
     c.model.attention_impl = ""  # "" lets JAX choose; "xla" or "cudnn"
+    # Passed to the chat template wherever one is applied (features, gating, KTO items, generation):
+    # Qwen3's switch; False (the paper's setting) writes its empty think block into the
+    # generation prompt, so the refusal prefix and the reply follow it. Other templates ignore it.
+    c.model.enable_thinking = False
     # Architecture facts checked against the checkpoint's config.json (None = not checked).
     c.model.expect = ml_collections.ConfigDict(
         {name: config_dict.placeholder(kind) for name, kind in ARCH_FACTS.items()})
@@ -86,13 +90,18 @@ def base_config() -> ml_collections.ConfigDict:
     # Device memory for the fit check when the backend does not report it (CPU); 0 = skip.
     c.device_memory_gb = 0.0
 
+    # Every data field is a data path (lasa_jax/data/sources.py): comma-separated local files
+    # (JSON, JSONL, CSV, parquet, arrow), globs, `datasets` directories or hub ids ("hf:NAME"),
+    # "{lang}" expanded over data.languages, "#field=column" column mappings.
     c.data = ml_collections.ConfigDict()
     c.data.parallel_prompts = _fixture("parallel_harmful.json")  # stage 1: same query, many languages
     c.data.ssi_prompts = _fixture("ssi_prompts.json")  # stage 2: harmful + benign, labelled
+    c.data.ssi_harmful = ""  # stage 2: more prompts, all harmful (e.g. HarmBench without a label)
+    c.data.ssi_benign = ""  # stage 2: more prompts, all benign (e.g. 'uf/monolingual_first1000_{lang}.json')
     c.data.kto_pairs = _fixture("kto_pairs.json")  # stage 3
     c.data.eval_harmful = _fixture("mild_harmful.csv")  # stage 4, MultiJail format
     c.data.eval_benign = _fixture("benign_twins.csv")
-    c.data.languages = "en,zh,it,vi,ar,ko,th,bn,sw,jv"
+    c.data.languages = "en,zh,it,vi,ar,ko,th,bn,sw,jv"  # any ISO 639-1 codes
     c.data.feature_text = "raw"  # raw | chat : which text a prompt's feature is read from
 
     c.bottleneck = ml_collections.ConfigDict()

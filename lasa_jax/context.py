@@ -11,11 +11,11 @@ import os
 
 import numpy as np
 
-from lasa_jax.data.languages import normalize_language
-from lasa_jax.data.readers import FIXTURES_DIR
-from lasa_jax.errors import ArtifactError, ConfigError, DataError, UnknownLanguage
+from lasa_jax.data import inputs
+from lasa_jax.data.sources import local_path
+from lasa_jax.errors import ArtifactError, ConfigError, DataError
 from lasa_jax.infra import fitcheck, multihost
-from lasa_jax.infra.fileio import file_hash, read_json
+from lasa_jax.infra.fileio import digest, read_json
 from lasa_jax.infra.mesh import mesh_from_config
 from lasa_jax.model.checkpoint import weights_digest
 from lasa_jax.model.config import from_hf_config
@@ -24,31 +24,18 @@ from lasa_jax.model.tiny import make_tiny_checkpoint
 
 log = logging.getLogger("lasa_jax")
 
-FIXTURE_PREFIX = "fixtures:"
-MODEL_PREFIX = "model:"
-
-
 def resolve_data_path(path: str, model_path: str = "", field: str = "config.data") -> str:
-    """``fixtures:NAME`` names a file shipped in lasa_jax/data/fixtures, ``model:NAME`` a file
-    inside the model directory (``config.model.path``: data that travels with its checkpoint, as
-    the toy world's does); anything else is a path."""
-    if path.startswith(FIXTURE_PREFIX):
-        path = os.path.join(FIXTURES_DIR, path[len(FIXTURE_PREFIX):])
-    elif path.startswith(MODEL_PREFIX):
-        if not model_path:
-            raise ConfigError(f"{field}: {path!r} is relative to config.model.path, which is empty")
-        path = os.path.join(model_path, path[len(MODEL_PREFIX):])
+    """One local data file: ``fixtures:NAME`` names a file shipped in lasa_jax/data/fixtures,
+    ``model:NAME`` a file inside the model directory (``config.model.path``: data that travels
+    with its checkpoint, as the toy world's does); anything else is a path. The stages read
+    their inputs through ``lasa_jax.data.inputs``, which takes every data-path form."""
+    path = local_path(path, model_path, field)
     if not os.path.exists(path):
         raise DataError(path, None, field, "data file not found")
     return path
 
 
-def languages_of(config) -> list[str]:
-    """``config.data.languages`` as ISO codes."""
-    try:
-        return [normalize_language(x.strip()) for x in str(config.data.languages).split(",") if x.strip()]
-    except UnknownLanguage as e:
-        raise ConfigError(f"config.data.languages: {e}") from None
+languages_of = inputs.languages_of  # ``config.data.languages`` as ISO codes
 
 
 class Context:
@@ -78,11 +65,13 @@ class Context:
     def cache_dir(self) -> str:
         return os.path.join(self.workdir, "cache")
 
-    def feature_cache_key(self, lm: LanguageModel, prompt_file: str, layers) -> dict:
-        """Everything a cached feature array depends on: weights, prompt file, languages read from
-        it, layers and the feature convention."""
+    def feature_cache_key(self, lm: LanguageModel, texts, layers) -> dict:
+        """Everything a cached feature array depends on: weights, the prompt texts (in order; read
+        from any number of files or datasets), layers, the feature convention and the chat
+        template's settings."""
         return {"model_fingerprint": lm.fingerprint, "weights": weights_digest(lm.path),
-                "prompts": file_hash(prompt_file), "languages": self.languages, "layers": list(layers),
+                "prompts": digest(list(texts)), "languages": self.languages,
+                "layers": list(layers), "enable_thinking": bool(self.config.model.enable_thinking),
                 "feature_text": self.config.data.feature_text, "dtype": str(np.dtype(lm.dtype))}
 
     def bottleneck_layer(self, override: int, field: str) -> int:
@@ -137,7 +126,8 @@ class Context:
             fitcheck.check_fit(est, device_bytes)
         expect = {k: v for k, v in m.expect.to_dict().items() if v is not None}
         return load_model(path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=self.mesh,
-                          expect=expect, remat=m.remat, attention_impl=m.attention_impl or None)
+                          expect=expect, remat=m.remat, attention_impl=m.attention_impl or None,
+                          chat_template_kwargs={"enable_thinking": bool(m.enable_thinking)})
 
     def _batch_for(self, stage):
         c = self.config

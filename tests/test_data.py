@@ -86,7 +86,7 @@ def test_odd_codes_normalise():
 
 
 def test_unknown_language_raises_value_error_naming_the_value():
-    for bad in ("klingon", "fr", "zh-tw", "", "e n"):
+    for bad in ("klingon", "xx", "", "e n", "english-us"):
         with pytest.raises(UnknownLanguage) as info:
             normalize_language(bad)
         assert repr(bad) in str(info.value)
@@ -95,11 +95,24 @@ def test_unknown_language_raises_value_error_naming_the_value():
         normalize_language(3)  # type: ignore[arg-type]
 
 
-def test_extra_codes_only_when_passed():
+def test_any_iso_code_and_extra_codes():
+    # Languages outside MultiJail (XSafety's es, fr, hi, ja, ru, de) are ordinary ISO codes.
+    assert [normalize_language(x) for x in ("es", "FR", "Hindi", "ja", "rus", "de")] == ["es", "fr", "hi", "ja", "ru", "de"]
+    # Region subtags are kept, never merged: Traditional Chinese is not MultiJail's zh.
+    assert normalize_language("zh-TW") == "zh-tw" and normalize_language("pt_BR") == "pt-br"
+    assert normalize_language("iw") == "he"  # a withdrawn ISO code
     with pytest.raises(UnknownLanguage):
-        normalize_language("fr")
-    assert normalize_language("FR", extra=("fr",)) == "fr"
-    assert normalize_language("en", extra=("fr",)) == "en"
+        normalize_language("qq")
+    assert normalize_language("QQ", extra=("qq",)) == "qq"
+    assert normalize_language("en", extra=("qq",)) == "en"
+
+
+def test_iso_table_covers_every_lingua_language():
+    """lingua (an independent table) knows 75 languages by ISO 639-1 code; ours must know them all."""
+    from lingua import Language
+    codes = {lang.iso_code_639_1.name.lower() for lang in Language.all()}
+    assert len(codes) == 75
+    assert {c: normalize_language(c) for c in codes} == {c: c for c in codes}
 
 
 def test_tiers_partition_multijail():
@@ -109,6 +122,8 @@ def test_tiers_partition_multijail():
     assert LANGUAGE_TIERS["mid"] == ("ar", "ko", "th")
     assert LANGUAGE_TIERS["low"] == ("bn", "sw", "jv")
     assert language_tier("jw") == "low" and language_tier("Chinese") == "high"
+    with pytest.raises(UnknownLanguage):
+        language_tier("ja")  # a language outside MultiJail has no tier
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +219,7 @@ def test_prompts_custom_harmful_sources(tmp_path):
     path = _write(tmp_path, "p.json", [_p(source="redteam")], "json")
     assert read_prompts(path, harmful_sources={"redteam"})[0].harmful is True
     msg = _error(read_prompts, path)
-    assert msg.startswith(f"{path}:record 0: harmful: no 'harmful' or 'label' field and source 'redteam'")
+    assert msg.startswith(f"{path}:record 0: harmful: no 'harmful', 'is_unsafe', 'label' field and source 'redteam'")
 
 
 @pytest.mark.parametrize("field,value", [("harmful", "maybe"), ("label", 2), ("label", "x"), ("harmful", 0.5)])
@@ -289,7 +304,7 @@ def test_kto_pairs_fields_and_default_idx(tmp_path):
     assert got[2].idx == "abc" and got[2].harmful is False
 
 
-@pytest.mark.parametrize("field", ["prompt", "chosen", "rejected", "source"])
+@pytest.mark.parametrize("field", ["prompt", "chosen", "rejected"])
 def test_kto_missing_field(tmp_path, field):
     path = _write(tmp_path, "k.json", [_k(), _k(**{field: None})], "json")
     assert _error(read_kto_pairs, path) == f"{path}:record 1: {field}: missing required field"
@@ -297,7 +312,9 @@ def test_kto_missing_field(tmp_path, field):
 
 def test_kto_wrong_type_empty_language_duplicate(tmp_path):
     path = _write(tmp_path, "k.json", [_k(chosen=["a"])], "json")
-    assert _error(read_kto_pairs, path) == f"{path}:record 0: chosen: expected a string, got list ['a']"
+    assert _error(read_kto_pairs, path) == f"{path}:record 0: chosen[0]: expected a {{role, content}} message, got str"
+    path = _write(tmp_path, "k1.json", [_k(chosen=7)], "json")
+    assert _error(read_kto_pairs, path) == f"{path}:record 0: chosen: expected a string, got int 7"
     path = _write(tmp_path, "k2.json", [_k(rejected="  ")], "json")
     assert _error(read_kto_pairs, path) == f"{path}:record 0: rejected: empty or whitespace-only text"
     path = _write(tmp_path, "k3.json", [_k(language="xx")], "json")

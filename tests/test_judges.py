@@ -216,13 +216,44 @@ def test_every_language_has_5_to_15_phrases():
 
 
 def test_bad_input_errors(refusal_judge):
-    with pytest.raises(ValueError, match="unknown language 'xx'"):
+    with pytest.raises(ValueError, match="cannot judge language 'xx'"):
         refusal_judge.judge(["p"], ["r"], ["xx"])
+    with pytest.raises(ValueError, match="cannot judge language 'ja'"):
+        refusal_judge.judge(["p"], ["r"], ["ja"])  # a real language without refusal phrases
     with pytest.raises(ValueError, match="differ in length"):
         refusal_judge.judge(["p"], ["r", "s"], ["en"])
     from lasa_jax.stages.evaluate import make_judge
     with pytest.raises(ConfigError, match="config.evaluate.judge: unknown judge 'gpt'"):
         make_judge("gpt")
+
+
+def test_judges_state_their_languages_and_a_run_fails_before_generating():
+    """The phrase judge covers the ten languages it has phrases for; the off-language check covers
+    the languages lingua has a model for (jv through its stand-ins); guards take any language.
+    evaluate.check_judge (called first in the evaluate stage) names what is missing."""
+    from lingua import IsoCode639_1
+
+    from lasa_jax.stages.evaluate import check_judge
+    assert judges.coverage_gaps("refusal", LANGS) == {}
+    assert judges.coverage_gaps("refusal", ["en", "ja", "fr"], check_language=False) == {"no refusal phrases": ["ja", "fr"]}
+    lingua_less = [c for c in ("am", "my", "km", "lo") if not hasattr(IsoCode639_1, c.upper())]
+    assert lingua_less  # languages lingua has no model for, checked against lingua itself
+    gaps = judges.coverage_gaps("qwen3guard", ["en", "ja", *lingua_less])
+    assert list(gaps.values()) == [lingua_less]
+    assert judges.coverage_gaps("qwen3guard", ["ja", *lingua_less], check_language=False) == {}
+    assert judges.RefusalJudge().unsupported(["en", "jv", "ja"]) == ["ja"]
+    guard = judges.GuardJudge(tokenizer=type("T", (), {"chat_template": "x"})(), generate_fn=lambda t, n: [])
+    assert guard.unsupported(["ja", "de", *lingua_less]) == lingua_less
+    with pytest.raises(ConfigError, match=r"config.evaluate.judge: judge 'refusal' cannot judge .*no refusal phrases: \['ja'\]"):
+        check_judge("refusal", languages=["en", "ja"])
+    check_judge("refusal", languages=LANGS)
+
+
+def test_off_language_check_in_a_language_outside_multijail():
+    """ja is not one of the MultiJail ten: a Japanese reply is valid, an English one off-language."""
+    det = judges.InvalidDetector()
+    assert det.check("これは日本語で書かれた丁寧な返答です。ご質問にお答えします。", "ja") is None
+    assert det.check("This reply is written in English and is long enough to be judged.", "ja").startswith("off-language")
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,15 @@ def _head(tok, prompt, prefix):
     return text + (prefix + "\n" if prefix else "")
 
 
+def _turn(tok, prompt, completion):
+    """The assistant turn as the template writes it (reply + end of turn), from the template alone."""
+    user = [{"role": "user", "content": prompt}]
+    gen = tok.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tok.apply_chat_template(user + [{"role": "assistant", "content": completion}], tokenize=False)
+    assert full.startswith(gen)
+    return full[len(gen):]
+
+
 @pytest.mark.parametrize("style", ["llama3", "qwen"])
 def test_tokenizer_round_trip_and_conventions(style):
     tok = build_byte_tokenizer(style)
@@ -67,8 +76,10 @@ def test_loss_mask_covers_exactly_completion_and_eos(style, prefix):
     assert len(ids) == len(mask)
     on = [i for i, m in zip(ids, mask) if m]
     off = [i for i, m in zip(ids, mask) if not m]
-    assert tok.decode(on) == COMPLETION + tok.eos_token
-    assert on == tok(COMPLETION, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    turn = _turn(tok, PROMPT, COMPLETION)  # llama3: reply + <|eot_id|>; qwen: reply + <|im_end|> + newline
+    assert turn == COMPLETION + {"llama3": "<|eot_id|>", "qwen": "<|im_end|>\n"}[style]
+    assert tok.decode(on) == turn
+    assert on == tok(turn, add_special_tokens=False)["input_ids"]
     assert tok.decode(off) == _head(tok, PROMPT, prefix)
     assert mask == sorted(mask)  # prompt first, then a single run of loss tokens
     if style == "llama3":  # template's BOS only, never a second one
@@ -78,17 +89,18 @@ def test_loss_mask_covers_exactly_completion_and_eos(style, prefix):
 
 
 def test_token_merged_across_boundary_carries_loss():
-    """LLaMA-3 template ends in '\\n\\n'; a completion starting with '\\n' merges into one '\\n\\n\\n' token."""
-    tok = build_byte_tokenizer("llama3", extra_merges=[("\n", "\n"), ("\n\n", "\n")])
+    """The Qwen template's generation prompt ends in '\\n'; a reply starting with '\\n' merges into
+    one '\\n\\n' token. (Llama-3's template trims the reply, so it cannot start with a newline.)"""
+    tok = build_byte_tokenizer("qwen", extra_merges=[("\n", "\n")])
     completion = "\nSorry, no."
     head = _head(tok, PROMPT, None)
     enc = encode_item(tok, PROMPT, completion, prefix=None)
     ids, mask = enc["input_ids"], enc["loss_mask"]
-    newline3 = tok.convert_tokens_to_ids("ĊĊĊ")
+    newline2 = tok.convert_tokens_to_ids("ĊĊ")
     first = mask.index(1)
-    assert ids[first] == newline3  # the straddling token is the completion's first loss token
-    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "\n\n" + completion + tok.eos_token
-    assert tok.decode(ids[:first]) == head[:-2]
+    assert ids[first] == newline2  # the straddling token is the completion's first loss token
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "\n" + _turn(tok, PROMPT, completion)
+    assert tok.decode(ids[:first]) == head[:-1]
     # Tokenising the prompt alone gives a different split: the case naive length-based masking gets wrong.
     head_ids = tok(head, add_special_tokens=False)["input_ids"]
     assert ids[: len(head_ids)] != head_ids

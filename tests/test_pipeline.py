@@ -139,8 +139,10 @@ def test_bottleneck_then_ssi_end_to_end(tiny, texts, tmp_path, monkeypatch):
         c = _config(tmp_path / "run", tiny)
         c.unlock()
         c.data.languages = langs
-        keys.append(Context(c).feature_cache_key(lm, os.path.join(FIXTURES_DIR, "parallel_harmful.json"), [1]))
+        keys.append(Context(c).feature_cache_key(lm, ["a prompt", "another"], [1]))
     assert keys[0] != keys[1]
+    # And the prompt texts themselves (whatever files or datasets they came from).
+    assert Context(c).feature_cache_key(lm, ["a prompt", "other"], [1]) != keys[1]
 
 
 def test_ssi_layer_out_of_range_is_one_line(tiny, tmp_path):

@@ -10,6 +10,14 @@ so the completion starts on a token boundary and the prompt ends exactly where i
 feeding text. (The authors tokenise the prefix separately and glue the ids with no separator,
 which no string tokenisation reproduces.)
 
+The generation prompt is the template's, with ``config.model.enable_thinking`` passed to it
+(``LanguageModel.chat_template_kwargs``): for Qwen3 with thinking off (the paper's setting) it
+ends in the template's empty ``<think>\n\n</think>\n\n`` block, so the prefix and the reply come
+after it, as in training, where Qwen3's template writes the same block before an assistant turn.
+With thinking on, the prefix precedes the model's own reasoning block, and ``respond`` moves a
+reasoning block (``<think>...</think>``) out of the response into ``reasoning``, so the judge
+never sees it.
+
 Decision: a generated record's ``response`` is what the model GENERATED, without the forced
 prefix, and that is what the judge sees. The prefix is input, not output; the refusal-phrase
 lists contain it (a reply that repeats it is a refusal), so judging prefix + continuation would
@@ -25,7 +33,7 @@ import numpy as np
 from lasa_jax.method.probe import SSIArtifact, load_artifact
 from lasa_jax.model.features import FEATURE_KINDS, extract_features
 from lasa_jax.model.generate import eos_ids_of, generate
-from lasa_jax.model.lm import LanguageModel
+from lasa_jax.model.lm import LanguageModel, chat_text
 
 REFUSAL_PREFIX = (
     "Harmful query detected. I should refuse this request and provide a safe response in the user's language."
@@ -33,16 +41,27 @@ REFUSAL_PREFIX = (
 PREFIX_SEPARATOR = "\n"
 
 
-def assistant_prefix_text(tokenizer, prompt: str, prefix: str | None) -> str:
-    """The text a model sees before its answer: templated user turn, generation prompt, prefix."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
-    if not isinstance(text, str):
-        raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
+def assistant_prefix_text(tokenizer, prompt, prefix: str | None, **template_kwargs) -> str:
+    """The text a model sees before its answer: the templated prompt (a user turn's text, or a
+    conversation as ``(role, content)`` pairs), the generation prompt, then the prefix."""
+    messages = [("user", prompt)] if isinstance(prompt, str) else list(prompt)
+    text = chat_text(tokenizer, messages, add_generation_prompt=True, **template_kwargs)
     if prefix:
         text += prefix + PREFIX_SEPARATOR
     return text
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of a decoded reply: a ``<think>...</think>`` block (Qwen3 with
+    thinking on) is the reasoning, what follows it the answer; a block never closed leaves no
+    answer. A reply without the block is all answer."""
+    head = text.lstrip()
+    if "</think>" in text:
+        reasoning, _, answer = text.partition("</think>")
+        return reasoning.replace("<think>", "", 1).strip(), answer.lstrip("\n")
+    if head.startswith("<think>"):
+        return head[len("<think>"):].strip(), ""
+    return None, text
 
 
 def prompt_ids(lm: LanguageModel, prompts: Sequence[str], flags: Sequence[bool]) -> list[list[int]]:
@@ -53,7 +72,7 @@ def prompt_ids(lm: LanguageModel, prompts: Sequence[str], flags: Sequence[bool])
         raise ValueError(f"prompt_ids: {len(prompts)} prompts but {len(flags)} flags")
     if lm.tokenizer is None:
         raise ValueError("prompt_ids: this model was loaded without a tokenizer")
-    texts = [assistant_prefix_text(lm.tokenizer, p, REFUSAL_PREFIX if f else None)
+    texts = [assistant_prefix_text(lm.tokenizer, p, REFUSAL_PREFIX if f else None, **lm.chat_template_kwargs)
              for p, f in zip(prompts, flags)]
     return [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
@@ -92,9 +111,10 @@ def respond(lm: LanguageModel, prompts: Sequence[str], languages: Sequence[str],
             max_new_tokens: int = 512, batch_size: int = 16, temperature: float = 0.0,
             top_p: float = 1.0, key: jax.Array | None = None, eos_ids: Sequence[int] | None = None,
             progress: bool = True) -> list[dict[str, Any]]:
-    """One record per prompt: ``prompt, language, response, ssi_prob, ssi_flagged, prefix_used,
-    n_new_tokens, stop`` ("eos" or "length"). Without an artifact the SSI fields are None and
-    no prefix is used. ``response`` excludes the prefix (see the module docstring)."""
+    """One record per prompt: ``prompt, language, response, reasoning, ssi_prob, ssi_flagged,
+    prefix_used, n_new_tokens, stop`` ("eos" or "length"). Without an artifact the SSI fields
+    are None and no prefix is used. ``response`` excludes the prefix and any reasoning block
+    (``reasoning``, None when there is none; see the module docstring)."""
     if len(prompts) != len(languages):
         raise ValueError(f"respond: {len(prompts)} prompts but {len(languages)} languages")
     if artifact is not None:
@@ -108,8 +128,9 @@ def respond(lm: LanguageModel, prompts: Sequence[str], languages: Sequence[str],
     texts = lm.tokenizer.batch_decode(ids, skip_special_tokens=True)
     out = []
     for p, lang, prob, flag, new, text in zip(prompts, languages, probs, flags, ids, texts):
+        reasoning, text = split_reasoning(text)
         out.append({
-            "prompt": p, "language": lang, "response": text,
+            "prompt": p, "language": lang, "response": text, "reasoning": reasoning,
             "ssi_prob": None if prob is None else float(prob),
             "ssi_flagged": None if artifact is None else bool(flag),
             "prefix_used": bool(flag),

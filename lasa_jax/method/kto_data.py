@@ -1,8 +1,15 @@
 """Stage 3 data: preference pairs -> unpaired KTO items -> token ids with loss masks -> batches.
 
-Text layout of one item (the same string is built at inference by ``gate.assistant_prefix_text``):
+Text layout of one item (the part before the completion is what ``gate.assistant_prefix_text``
+builds at inference):
 
-    chat_template([user: prompt], add_generation_prompt=True) + [REFUSAL_PREFIX + "\\n"] + completion + eos
+    chat_template(prompt, add_generation_prompt=True) + [REFUSAL_PREFIX + "\\n"] + assistant turn
+
+``prompt`` is a user turn or a whole conversation (TRL's conversational format); the assistant
+turn is what the template writes for the reply after its generation prompt (Llama-3: the trimmed
+reply + ``<|eot_id|>``; Qwen: reply + ``<|im_end|>\\n``), so with no prefix an item is exactly
+TRL's tokenisation of the same conversational example. The template gets the model's
+``chat_template_kwargs`` (``enable_thinking``).
 
 * ``KTOBatches``: items tokenised once, a fixed (B, T) batch per global step; which items a step
   sees is a pure function of the step, so a resumed run replays the same order.
@@ -20,7 +27,7 @@ import numpy as np
 from lasa_jax.errors import ConfigError
 from lasa_jax.infra.fileio import digest
 from lasa_jax.method.gate import REFUSAL_PREFIX, assistant_prefix_text
-from lasa_jax.model.lm import round_up
+from lasa_jax.model.lm import chat_text, round_up
 
 Z_MODES = ("source", "ssi", "label")
 # The project spec's mix: safety items conditioned half the time, general items never. The authors'
@@ -39,6 +46,11 @@ class KTOItem:
     language: str | None = None
     harmful: bool | None = None
     pair_idx: Any = None
+    messages: tuple | None = None  # the prompt conversation ((role, content), ...); None = one user turn
+
+    @property
+    def prompt_messages(self) -> tuple:
+        return self.messages or (("user", self.prompt),)
 
 
 def pairs_to_items(
@@ -49,10 +61,11 @@ def pairs_to_items(
     seed: int = 0,
     ssi_verdicts: Mapping[str, bool] | None = None,
 ) -> list[KTOItem]:
-    """Each pair -> (prompt, chosen, desirable) then (prompt, rejected, undesirable).
+    """Each pair -> (prompt, chosen, desirable) then (prompt, rejected, undesirable); an unpaired
+    example (`lasa_jax.data.readers.KTOExample`: prompt, completion, desirable) -> one item.
 
-    Pairs are duck-typed on the attributes of `lasa_jax.data.readers.KTOPair`:
-    prompt, chosen, rejected, source, idx, language, harmful.
+    Records are duck-typed on the attributes of `lasa_jax.data.readers.KTOPair`:
+    prompt, chosen, rejected, source, idx, language, harmful, messages.
 
     z_mode:
       "source": one draw per *item* (not per pair), in item order, from `random.Random(seed)`,
@@ -74,14 +87,20 @@ def pairs_to_items(
     items: list[KTOItem] = []
     for n, pair in enumerate(pairs):
         where = f"KTO pair {getattr(pair, 'idx', n)!r} (#{n})"
-        for field in ("prompt", "chosen", "rejected"):
+        unpaired = hasattr(pair, "completion")
+        for field in ("prompt", "completion") if unpaired else ("prompt", "chosen", "rejected"):
             value = getattr(pair, field, None)
             if not isinstance(value, str):
                 raise ValueError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
         source = getattr(pair, "source", None)
         harmful = getattr(pair, "harmful", None)
-        for completion, desirable in ((pair.chosen, True), (pair.rejected, False)):
+        completions = ([(pair.completion, bool(pair.desirable))] if unpaired
+                       else [(pair.chosen, True), (pair.rejected, False)])
+        for completion, desirable in completions:
             if z_mode == "source":
+                if source is None:
+                    raise ConfigError(f"config.align.z_mode='source': {where} has no 'source' field; give the "
+                                      "data sources, or use z_mode='label' or 'ssi'")
                 if source not in source_probs:
                     raise ConfigError(f"config.align.source_probs: {where} has source {source!r}, which has no "
                                       f"entry in {dict(source_probs)}")
@@ -105,27 +124,50 @@ def pairs_to_items(
                     language=getattr(pair, "language", None),
                     harmful=harmful,
                     pair_idx=getattr(pair, "idx", n),
+                    messages=getattr(pair, "messages", None),
                 )
             )
     return items
 
 
+def render_item(tokenizer, prompt, completion: str, *, prefix: str | None, **template_kwargs) -> tuple[str, int]:
+    """(text, start): an item as one string (module docstring) and where its assistant turn starts.
+
+    The assistant turn is the template's rendering of the conversation with the reply, minus its
+    rendering with the generation prompt; a template whose prompt is not a prefix of the
+    conversation with the reply cannot place the refusal prefix and is an error. A turn without
+    the eos token (a template that writes none) gets it appended, so the model learns to stop."""
+    messages = [("user", prompt)] if isinstance(prompt, str) else list(prompt)
+    gen = chat_text(tokenizer, messages, add_generation_prompt=True, **template_kwargs)
+    full = chat_text(tokenizer, messages + [("assistant", completion)], add_generation_prompt=False,
+                     **template_kwargs)
+    if not full.startswith(gen):
+        raise ValueError("encode_item: the chat template renders the prompt differently once a reply follows "
+                         f"(prompt ends {gen[-40:]!r}, conversation has {full[len(gen) - 40:len(gen)]!r} there)")
+    turn = full[len(gen):]
+    if tokenizer.eos_token not in turn:
+        turn += tokenizer.eos_token
+    head = assistant_prefix_text(tokenizer, messages, prefix, **template_kwargs)
+    return head + turn, len(head)
+
+
 def encode_item(
     tokenizer,
-    prompt: str,
+    prompt,
     completion: str,
     *,
     prefix: str | None,
     max_length: int = 512,
     max_prompt_length: int = 384,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, list[int]]:
-    """Token ids of prompt+prefix+completion+eos and a mask of the tokens that carry loss.
+    """Token ids of prompt+prefix+assistant turn and a mask of the tokens that carry loss.
 
     The whole string is tokenised once, so ids equal what the model sees at inference; a token
-    carries loss iff its character span overlaps the completion or the trailing eos. A token merged
-    across the boundary therefore counts as completion (it is the token the model has to emit).
-    The chat template writes all special tokens itself (LLaMA's BOS included), so encoding uses
-    add_special_tokens=False to avoid a second BOS.
+    carries loss iff its character span overlaps the assistant turn (the reply and the template's
+    end of turn). A token merged across the boundary therefore counts as completion (it is the
+    token the model has to emit). The chat template writes all special tokens itself (LLaMA's
+    BOS included), so encoding uses add_special_tokens=False to avoid a second BOS.
 
     Truncation: the prompt part (everything before the first loss token) keeps its last
     `max_prompt_length` tokens; then the sequence keeps its first `max_length` tokens, which cuts
@@ -133,9 +175,7 @@ def encode_item(
     """
     if tokenizer.eos_token is None:
         raise ValueError("encode_item: tokenizer has no eos_token")
-    head = assistant_prefix_text(tokenizer, prompt, prefix)
-    text = head + completion + tokenizer.eos_token
-    start = len(head)
+    text, start = render_item(tokenizer, prompt, completion, prefix=prefix, **(template_kwargs or {}))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     mask = [int(e > start and e > s) for s, e in enc["offset_mapping"]]
@@ -208,7 +248,8 @@ class KTOBatches:
 
     def __init__(self, items: Sequence[KTOItem], tokenizer, *, batch_size: int, grad_accum: int = 1,
                  seed: int = 0, epochs: int = 1, max_steps: int = 0, max_length: int = 512,
-                 max_prompt_length: int = 384, pad_id: int = 0, bucket: int = 16):
+                 max_prompt_length: int = 384, pad_id: int = 0, bucket: int = 16,
+                 chat_template_kwargs: Mapping[str, Any] | None = None):
         if len(items) < 2:
             raise ConfigError(f"config.data.kto_pairs: need at least 2 items (1 pair), got {len(items)}")
         if batch_size < 2:
@@ -218,6 +259,7 @@ class KTOBatches:
         self.items, self.tokenizer = list(items), tokenizer
         self.batch_size, self.grad_accum, self.seed, self.pad_id = batch_size, grad_accum, seed, pad_id
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.template_kwargs = dict(chat_template_kwargs or {})
         self.encoded = [self._encode(it) for it in self.items]
         prompt_len = max(e["loss_mask"].index(1) for e in self.encoded)
         completion_len = max(len(e["loss_mask"]) - e["loss_mask"].index(1) for e in self.encoded)
@@ -234,9 +276,9 @@ class KTOBatches:
         self.ref_kl_logps: np.ndarray | None = None  # (total_steps, B)
 
     def _encode(self, item: KTOItem) -> dict:
-        return encode_item(self.tokenizer, item.prompt, item.completion,
-                           prefix=REFUSAL_PREFIX if item.z else None,
-                           max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+        return encode_item(self.tokenizer, item.prompt_messages, item.completion,
+                           prefix=REFUSAL_PREFIX if item.z else None, max_length=self.max_length,
+                           max_prompt_length=self.max_prompt_length, template_kwargs=self.template_kwargs)
 
     @property
     def key(self) -> str:

@@ -170,10 +170,12 @@ _PREFIX_NORMALISED = normalise_text(REFUSAL_PREFIX)
 
 
 def phrases_for(language: str) -> tuple[str, ...]:
-    """Normalised phrases checked for a prompt in ``language``: its own, English, and the prefix."""
-    if language not in _NORMALISED:
-        raise ValueError(f"refusals: unknown language {language!r}; known: {', '.join(LANGUAGES)}")
-    merged = _NORMALISED[language] + _NORMALISED["en"] + (_PREFIX_NORMALISED,)
+    """Normalised phrases checked for a prompt in ``language``: its own, English, and the prefix.
+    A language without a list (outside the MultiJail ten) gets English and the prefix only, which
+    is why the refusal judge refuses to judge such languages (``judges.coverage_gaps``); a guard
+    uses this only for its ``refused`` flag."""
+    own = _NORMALISED.get(language, ())
+    merged = own + _NORMALISED["en"] + (_PREFIX_NORMALISED,)
     return tuple(dict.fromkeys(merged))
 
 

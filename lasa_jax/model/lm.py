@@ -43,6 +43,20 @@ def load_tokenizer(path: str):
         raise CheckpointError(f"{path}: cannot load a tokenizer from this directory ({e})".splitlines()[0]) from None
 
 
+def chat_text(tokenizer, messages, *, add_generation_prompt: bool = True, **template_kwargs) -> str:
+    """The chat template applied to ``messages`` (``(role, content)`` pairs or ``{role, content}``
+    dicts), as text. ``template_kwargs`` reach the template (``enable_thinking`` for Qwen3; other
+    templates ignore names they do not use). Encode the result with ``add_special_tokens=False``:
+    the template writes the special tokens itself (Llama's BOS), and this is exactly what
+    ``apply_chat_template(..., tokenize=True)`` encodes."""
+    msgs = [m if isinstance(m, dict) else {"role": m[0], "content": m[1]} for m in messages]
+    text = tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                         **template_kwargs)
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
+    return text
+
+
 def model_fingerprint(cfg: ModelConfig, tokenizer=None) -> str:
     """Identity of a model's *architecture and vocabulary*, not of its weights: an SSI trained on
     the base model's features is meant to run on the aligned model (same architecture, same
@@ -72,8 +86,12 @@ class LanguageModel:
 
     def __init__(self, cfg: ModelConfig, params: dict, *, tokenizer=None, path: str | None = None,
                  mesh=None, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 remat: str = "none", attention_impl: str | None = None):
+                 remat: str = "none", attention_impl: str | None = None,
+                 chat_template_kwargs: dict | None = None):
         self.cfg, self.params, self.tokenizer, self.path, self.mesh = cfg, params, tokenizer, path, mesh
+        # Passed to the chat template wherever this model's prompts are templated (features,
+        # gating, KTO items, generation): config.model.enable_thinking.
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.dtype, self.param_dtype = as_dtype(dtype), as_dtype(param_dtype)
         act = shd.activation_sharding(mesh) if mesh is not None else None
         self.module = Transformer(cfg, dtype=self.dtype, param_dtype=self.param_dtype, remat=remat,
@@ -137,9 +155,7 @@ class LanguageModel:
             raise ValueError("this model was loaded without a tokenizer")
         if chat_template:
             # The template writes the special tokens itself (e.g. LLaMA's BOS).
-            texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": t}],
-                                                        tokenize=False, add_generation_prompt=True)
-                     for t in texts]
+            texts = [chat_text(self.tokenizer, [("user", t)], **self.chat_template_kwargs) for t in texts]
             ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         else:
             ids = [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lasa_jax.data.readers import read_kto_pairs, read_parallel
+from lasa_jax.data import inputs
 from lasa_jax.errors import ConfigError, NonFiniteLoss
 from lasa_jax.infra import checkpoints, multihost
 from lasa_jax.infra.fileio import atomic_write, atomic_write_text, digest
@@ -152,7 +152,7 @@ def train(ctx, stage: str = "align") -> dict:
     if a.reference not in ("precomputed", "per_step"):
         raise ConfigError(f"config.align.reference must be 'precomputed' or 'per_step', got {a.reference!r}")
     out_dir = ctx.stage_dir(stage)
-    pairs = read_kto_pairs(ctx.data_path("kto_pairs"))
+    pairs = inputs.kto_data(c)
     ctx.release_base()  # the feature stages' copy; this stage loads (and trains) its own
     lm = ctx.load(stage="align")
     verdicts = None
@@ -163,7 +163,8 @@ def train(ctx, stage: str = "align") -> dict:
     items = make_items(pairs, a, seed=c.seed, verdicts=verdicts)
     data = KTOBatches(items, lm.tokenizer, batch_size=a.batch_size, grad_accum=a.grad_accum, seed=c.seed,
                       epochs=a.epochs, max_steps=a.max_steps, max_length=a.max_length,
-                      max_prompt_length=a.max_prompt_length, pad_id=lm.pad_id)
+                      max_prompt_length=a.max_prompt_length, pad_id=lm.pad_id,
+                      chat_template_kwargs=lm.chat_template_kwargs)
     bm = batch_multiple(lm.mesh)
     if (a.batch_size // a.grad_accum) % bm:
         raise ConfigError(f"config.align: batch_size / grad_accum = {a.batch_size // a.grad_accum} items per "
@@ -172,7 +173,7 @@ def train(ctx, stage: str = "align") -> dict:
     if a.lambda_align > 0:
         layer = ctx.bottleneck_layer(a.align_layer, "config.align.align_layer")
         lm.check_layers([layer], "config.align.align_layer")
-        queries = read_parallel(ctx.data_path("parallel_prompts"), ctx.languages)
+        queries = inputs.parallel_prompts(c)
         align_data = AlignBatches(lm, queries, queries_per_step=a.align_batch_queries,
                                   seed=c.seed, chat_template=c.data.feature_text == "chat", batch_multiple=bm)
     total = data.total_steps

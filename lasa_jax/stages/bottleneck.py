@@ -1,6 +1,6 @@
 """Stage 1: features of the parallel prompts at every layer -> silhouettes -> the bottleneck k*.
 
-Reads ``config.data.parallel_prompts``; writes ``bottleneck/report.json`` (k*, one entry per
+Reads ``config.data.parallel_prompts`` (``lasa_jax.data.inputs``); writes ``bottleneck/report.json`` (k*, one entry per
 layer with ``s_sem``, ``s_lang``, ``diff``, the bootstrap CI and cosine gaps),
 ``silhouette.png`` and ``projection.png``. Features are cached in ``WORKDIR/cache``.
 """
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lasa_jax.data.readers import read_parallel
+from lasa_jax.data import inputs
 from lasa_jax.infra import multihost
 from lasa_jax.infra.fileio import atomic_write_text, cached_array
 from lasa_jax.method import figures, silhouette
@@ -24,8 +24,7 @@ log = logging.getLogger("lasa_jax")
 
 def run(ctx) -> dict:
     c = ctx.config
-    path = ctx.data_path("parallel_prompts")
-    queries = read_parallel(path, ctx.languages)
+    queries = inputs.parallel_prompts(c)
     if c.bottleneck.max_queries:
         queries = queries[:c.bottleneck.max_queries]
     texts, qids, langs = [], [], []
@@ -34,7 +33,7 @@ def run(ctx) -> dict:
             texts.append(text), qids.append(q.qid), langs.append(lang)
     lm = ctx.base
     layers = list(range(lm.cfg.num_layers + 1))
-    key = {**ctx.feature_cache_key(lm, path, layers), "max_queries": c.bottleneck.max_queries}
+    key = {**ctx.feature_cache_key(lm, texts, layers), "max_queries": c.bottleneck.max_queries}
     feats = cached_array(ctx.cache_dir if c.bottleneck.cache else None, key,
                          lambda: extract_features(lm, texts, layers, batch_size=c.bottleneck.batch_size,
                                                   chat_template=c.data.feature_text == "chat",
@@ -44,7 +43,7 @@ def run(ctx) -> dict:
     if multihost.is_primary():
         write_outputs(ctx.stage_dir("bottleneck"), report, feats, layers, qids, langs, extra={
             "config": json.loads(c.to_json_best_effort()), "model_fingerprint": lm.fingerprint,
-            "model_path": lm.path, "prompt_file": path,
+            "model_path": lm.path, "prompt_file": c.data.parallel_prompts,
             "paper_bottleneck_layer": c.model.paper_bottleneck if c.model.paper_bottleneck >= 0 else None})
         print(silhouette.format_table(report))
     log.info("bottleneck layer %d of %d", report["bottleneck_layer"], lm.cfg.num_layers)

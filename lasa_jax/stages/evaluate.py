@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from lasa_jax.data.readers import read_parallel
+from lasa_jax.data import inputs
 from lasa_jax.errors import ArtifactError, ConfigError
 from lasa_jax.infra import multihost
 from lasa_jax.infra.fileio import read_json, read_jsonl, write_json, write_jsonl
@@ -43,12 +43,18 @@ JUDGES = ("refusal", *GUARDS, "toyworld")
 
 # ------------------------------------------------------------------------------ judging
 
-def check_judge(name: str, guard_path: str = "") -> None:
-    """Fail before any generation when the configured judge cannot be built."""
+def check_judge(name: str, guard_path: str = "", languages=(), language_check: bool = True) -> None:
+    """Fail before any generation when the configured judge cannot be built or cannot judge one
+    of the run's ``languages``."""
     if name not in JUDGES:
         raise ConfigError(f"config.evaluate.judge: unknown judge {name!r}; expected one of {', '.join(JUDGES)}")
     if name in GUARDS and not guard_path:
         raise ConfigError(f"config.evaluate.guard_path: judge {name!r} needs a local guard checkpoint")
+    gaps = judges.coverage_gaps(name, languages, check_language=language_check)
+    if gaps:
+        why = "; ".join(f"{reason}: {codes}" for reason, codes in gaps.items())
+        raise ConfigError(f"config.evaluate.judge: judge {name!r} cannot judge every language of "
+                          f"config.data.languages ({why})")
 
 
 def make_judge(name: str, *, guard_path: str = "", language_check: bool = True,
@@ -117,21 +123,18 @@ def rejudge(workdir: str, judge_name: str = "refusal", *, guard_path: str = "",
 # ------------------------------------------------------------------------------ stage
 
 def _prompt_items(ctx) -> list[dict[str, str]]:
-    """(prompt_set, qid, language, prompt) for the harmful and benign sets, ``max_prompts``
-    queries per set (each in every configured language, so languages stay comparable)."""
+    """(prompt_set, qid, language, prompt) for the harmful and benign sets, the first
+    ``max_prompts`` prompts per language and set (for a parallel file: the first queries, each in
+    every configured language, so languages stay comparable)."""
     config = ctx.config
     items = []
     for prompt_set, field in (("harmful", "eval_harmful"), ("benign", "eval_benign")):
-        if not config.data[field]:
-            if prompt_set == "harmful":
-                raise ConfigError("config.data.eval_harmful: empty; the evaluation needs harmful prompts")
-            continue
-        queries = read_parallel(ctx.data_path(field), ctx.languages)
-        if config.evaluate.max_prompts:
-            queries = queries[:config.evaluate.max_prompts]
-        for q in queries:
-            for lang, text in q.texts.items():
-                items.append({"prompt_set": prompt_set, "qid": q.qid, "language": lang, "prompt": text})
+        taken: dict[str, int] = {}
+        for p in inputs.eval_prompts(config, field):
+            taken[p.language] = taken.get(p.language, 0) + 1
+            if config.evaluate.max_prompts and taken[p.language] > config.evaluate.max_prompts:
+                continue
+            items.append({"prompt_set": prompt_set, "qid": p.qid, "language": p.language, "prompt": p.text})
     return items
 
 
@@ -141,7 +144,7 @@ def run(ctx) -> dict:
     ``evaluate.compare_base`` or when there is no aligned model."""
     c = ctx.config
     e = c.evaluate
-    check_judge(e.judge, e.guard_path)
+    check_judge(e.judge, e.guard_path, ctx.languages, e.language_check)
     out_dir = ctx.stage_dir("evaluate")
     items = _prompt_items(ctx)
     aligned_path = os.path.join(ctx.workdir, "align", "hf")

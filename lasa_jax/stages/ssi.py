@@ -1,6 +1,7 @@
 """Stage 2: train the SSI probe on the frozen base model's features at the bottleneck layer.
 
-Reads ``bottleneck/report.json`` (unless ``config.ssi.layer`` is set) and ``config.data.ssi_prompts``;
+Reads ``bottleneck/report.json`` (unless ``config.ssi.layer`` is set) and the SSI prompts
+(``config.data.ssi_prompts`` labelled, ``ssi_harmful`` and ``ssi_benign`` unlabelled; in the run's languages);
 writes the artifact (``ssi/ssi.safetensors`` + ``ssi/ssi.json``), ``ssi/report.json`` and
 ``ssi/per_language.png``. Features are cached in ``WORKDIR/cache`` (``config.bottleneck.cache``).
 """
@@ -11,7 +12,9 @@ import os
 
 import numpy as np
 
-from lasa_jax.data.readers import read_prompts
+from lasa_jax.data import inputs
+from lasa_jax.data.languages import normalize_language
+from lasa_jax.errors import ConfigError, UnknownLanguage
 from lasa_jax.infra import multihost
 from lasa_jax.infra.fileio import atomic_write_text, cached_array
 from lasa_jax.method import figures, probe
@@ -23,9 +26,8 @@ def run(ctx) -> dict:
     lm = ctx.base
     layer = ctx.bottleneck_layer(c.ssi.layer, "config.ssi.layer")
     lm.check_layers([layer], "config.ssi.layer")
-    path = ctx.data_path("ssi_prompts")
-    prompts = read_prompts(path)
-    key = ctx.feature_cache_key(lm, path, [layer])
+    prompts = inputs.ssi_prompts(c)
+    key = ctx.feature_cache_key(lm, [p.text for p in prompts], [layer])
     feats = cached_array(ctx.cache_dir if c.bottleneck.cache else None, key,
                          lambda: extract_features(lm, [p.text for p in prompts], [layer],
                                                   batch_size=c.ssi.batch_size_features,
@@ -35,6 +37,10 @@ def run(ctx) -> dict:
     langs = [p.language for p in prompts]
     settings = c.ssi.to_dict()
     settings["seed"] = c.seed if settings["seed"] == -1 else settings["seed"]
+    try:  # "jw", "Javanese" and "jv" name one language, as in the data files
+        settings["train_languages"] = tuple(normalize_language(x) for x in settings["train_languages"])
+    except UnknownLanguage as e:
+        raise ConfigError(f"config.ssi.train_languages: {e}") from None
     artifact, report = probe.train_ssi(feats, labels, langs, settings, meta={
         "layer": layer, "model_fingerprint": lm.fingerprint, "feature": FEATURE_KINDS[c.data.feature_text]})
     if multihost.is_primary():
