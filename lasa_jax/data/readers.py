@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from lasa_jax.data.languages import MULTIJAIL_LANGUAGES, normalize_language
 from lasa_jax.errors import DataError, UnknownLanguage
+from lasa_jax.infra import fileio
 
 FIXTURES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -81,12 +82,13 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def _read_text(path: str) -> str:
-    if not os.path.exists(path):
+    """A local file's or a URL's (``gs://``) text."""
+    where = fileio.as_path(path)
+    if not where.exists():
         raise DataError(path, None, "file", "not found")
-    if not os.path.isfile(path):
+    if where.is_dir():
         raise DataError(path, None, "file", "not a regular file")
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = where.read_bytes()
     try:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark.
         return raw.decode("utf-8-sig")
