@@ -121,7 +121,8 @@ def _umask() -> int:
 
 
 def _follow_umask(path: str, folder: bool = False) -> None:
-    """Give a ``tempfile`` creation (0600 file, 0700 folder) the mode a plain open/mkdir would."""
+    """The mode a plain open/mkdir would give, for what ``tempfile`` (0600 files, 0700 folders)
+    or a writer such as safetensors (0600) created."""
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
@@ -153,8 +154,8 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{name}.", suffix=f".tmp{ext}")
     os.close(fd)
     try:
-        _follow_umask(tmp)
         write(tmp)
+        _follow_umask(tmp)  # after the writer: some (safetensors) create 0600 files themselves
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, text)
@@ -211,6 +212,11 @@ class StagedDir:
         if not os.path.exists(os.path.join(self.path, self.commit_file)):
             raise AssertionError(f"staged folder for {self.target} has no {self.commit_file}")
         if not self.remote:
+            for root, dirs, files in os.walk(self.path):
+                for name in dirs:
+                    _follow_umask(os.path.join(root, name), folder=True)
+                for name in files:
+                    _follow_umask(os.path.join(root, name))
             publish_dir(self.path, self.target)
             return
         for root, _, files in os.walk(self.path):
