@@ -27,7 +27,7 @@ from lasa_jax.errors import CheckpointError
 from lasa_jax.infra.fileio import as_path, is_url, local_copy, read_text, staged_dir
 from lasa_jax.infra.multihost import to_host
 from lasa_jax.model.config import ModelConfig
-from lasa_jax.model.remote_safetensors import RemoteSafetensors, read_header
+from lasa_jax.model.remote_safetensors import RemoteSafetensors
 from lasa_jax.model.transformer import param_specs
 
 
