@@ -80,11 +80,6 @@ def read_text(path: PathLike) -> str:
     return as_path(path).read_text(encoding="utf-8")
 
 
-def copy_file(src: PathLike, dst: PathLike) -> None:
-    """Copy one file between any two places (local, bucket); the copy appears whole."""
-    atomic_write(dst, lambda tmp: _download(src, tmp))
-
-
 def _download(src: PathLike, local: str) -> None:
     if not is_url(src):
         shutil.copyfile(os.fspath(src), local)
