@@ -2,7 +2,10 @@
 model, resolved data paths, and the artifacts earlier stages left in the workdir.
 
 Stages talk only through files in the workdir (``bottleneck/report.json``, ``ssi/``, ``align/``,
-``evaluate/``), so each can be rerun alone; this module is where those paths are named.
+``evaluate/``), so each can be rerun alone; this module is where those paths are named. The
+workdir is an ``epath.Path``: a local folder (made absolute once) or a ``gs://`` URL kept as
+given. What the context decides from the workdir's contents (the bottleneck layer, whether the
+tiny model must be built) is decided on process 0 and shared (``lasa_jax.infra.multihost``).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import numpy as np
 from lasa_jax.data import inputs
 from lasa_jax.data.sources import local_path
 from lasa_jax.errors import ArtifactError, ConfigError, DataError
-from lasa_jax.infra import fitcheck, multihost
+from lasa_jax.infra import fileio, fitcheck, multihost
 from lasa_jax.infra.fileio import digest, read_json
 from lasa_jax.infra.mesh import mesh_from_config
 from lasa_jax.model.checkpoint import weights_digest
@@ -25,12 +28,13 @@ from lasa_jax.model.tiny import make_tiny_checkpoint
 log = logging.getLogger("lasa_jax")
 
 def resolve_data_path(path: str, model_path: str = "", field: str = "config.data") -> str:
-    """One local data file: ``fixtures:NAME`` names a file shipped in lasa_jax/data/fixtures,
-    ``model:NAME`` a file inside the model directory (``config.model.path``: data that travels
-    with its checkpoint, as the toy world's does); anything else is a path. The stages read
-    their inputs through ``lasa_jax.data.inputs``, which takes every data-path form."""
+    """One data file, local or a URL: ``fixtures:NAME`` names a file shipped in
+    lasa_jax/data/fixtures, ``model:NAME`` a file inside the model directory
+    (``config.model.path``: data that travels with its checkpoint, as the toy world's does);
+    anything else is a path. The stages read their inputs through ``lasa_jax.data.inputs``,
+    which takes every data-path form."""
     path = local_path(path, model_path, field)
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise DataError(path, None, field, "data file not found")
     return path
 
@@ -43,14 +47,16 @@ class Context:
 
     def __init__(self, config):
         self.config = config
-        self.workdir = os.path.abspath(config.workdir)
+        fileio.check_url(config.workdir, "config.workdir")
+        self.workdir = fileio.as_path(config.workdir)
+        self._model_path: str | None = None
         self._mesh = None
         self._base: LanguageModel | None = None
 
     # ------------------------------------------------------------------ paths
-    def stage_dir(self, name: str) -> str:
-        path = os.path.join(self.workdir, name)
-        os.makedirs(path, exist_ok=True)
+    def stage_dir(self, name: str):
+        path = self.workdir / name
+        path.mkdir(parents=True, exist_ok=True)
         return path
 
     def data_path(self, field: str) -> str:
@@ -62,8 +68,8 @@ class Context:
         return languages_of(self.config)
 
     @property
-    def cache_dir(self) -> str:
-        return os.path.join(self.workdir, "cache")
+    def cache_dir(self):
+        return self.workdir / "cache"
 
     def feature_cache_key(self, lm: LanguageModel, texts, layers) -> dict:
         """Everything a cached feature array depends on: weights, the prompt texts (in order; read
@@ -76,18 +82,21 @@ class Context:
 
     def bottleneck_layer(self, override: int, field: str) -> int:
         """``override`` when it is >= 0 (checked against the model by the caller), else k* from
-        ``bottleneck/report.json``."""
+        ``bottleneck/report.json`` (read on process 0, the same layer for every process)."""
         if override >= 0:
             return int(override)
         if override != -1:
             raise ConfigError(f"{field}={override}: expected a layer index >= 0, or -1 for the bottleneck layer")
         path = os.path.join(self.workdir, "bottleneck", "report.json")
-        if not os.path.exists(path):
-            raise ArtifactError(f"{path}: not found; run the bottleneck stage first or set {field}")
-        report = read_json(path, "bottleneck report")
-        if not isinstance(report, dict) or not isinstance(report.get("bottleneck_layer"), int):
-            raise ArtifactError(f"{path}: no integer field 'bottleneck_layer'; rerun the bottleneck stage")
-        return report["bottleneck_layer"]
+
+        def read() -> int:
+            if not fileio.exists(path):
+                raise ArtifactError(f"{path}: not found; run the bottleneck stage first or set {field}")
+            report = read_json(path, "bottleneck report")
+            if not isinstance(report, dict) or not isinstance(report.get("bottleneck_layer"), int):
+                raise ArtifactError(f"{path}: no integer field 'bottleneck_layer'; rerun the bottleneck stage")
+            return report["bottleneck_layer"]
+        return multihost.on_primary(read)
 
     # ------------------------------------------------------------------ model
     @property
@@ -98,17 +107,24 @@ class Context:
 
     @property
     def model_path(self) -> str:
+        """``config.model.path`` (a local or mounted folder, or a URL), or the tiny random
+        checkpoint built in the workdir by process 0 (the others wait until it is written)."""
+        if self._model_path is None:
+            self._model_path = self._resolve_model_path()
+        return self._model_path
+
+    def _resolve_model_path(self) -> str:
         m = self.config.model
         if m.path:
-            if not os.path.isdir(m.path):
+            fileio.check_url(m.path, "config.model.path")
+            if not multihost.on_primary(lambda: fileio.as_path(m.path).is_dir()):
                 raise ConfigError(f"config.model.path={m.path!r}: not a directory")
             return m.path
         if m.require_path:
-            raise ConfigError("config.model.path is empty: this config needs a local checkpoint "
+            raise ConfigError("config.model.path is empty: this config needs a checkpoint "
                               "directory, e.g. --config.model.path=/ckpt/Llama-3.1-8B-Instruct")
-        path = os.path.join(self.workdir, "tiny_model")
-        if multihost.is_primary():
-            make_tiny_checkpoint(path, seed=self.config.seed, **m.tiny.to_dict())
+        path = os.fspath(self.workdir / "tiny_model")
+        multihost.on_primary(lambda: make_tiny_checkpoint(path, seed=self.config.seed, **m.tiny.to_dict()))
         return path
 
     def load(self, path: str | None = None, stage: str = "features") -> LanguageModel:

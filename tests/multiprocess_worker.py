@@ -1,6 +1,12 @@
-"""One process of the 2-process test: joins jax.distributed on loopback, loads a checkpoint
-sharded over all 8 global devices (4 local), writes the gathered features and greedy
-generations (process 0 only)."""
+"""One process of the 2-process tests (4 simulated CPU devices each, joined on loopback).
+
+    multiprocess_worker.py CKPT PORT PID OUT        load a checkpoint sharded over all 8 global
+        devices, write the gathered features and greedy generations (process 0 only)
+    multiprocess_worker.py contract PORT PID OUT    the multi-host contract's helpers (broadcast,
+        on_primary, barrier, to_host); each process writes what it saw to OUT/<pid>.json
+    multiprocess_worker.py main KILL_AT KILL_PID -- ARGS...   ``python -m lasa_jax.main ARGS``,
+        except that process KILL_PID SIGKILLs itself once align's checkpoint KILL_AT is on disk
+"""
 import json
 import os
 import sys
@@ -46,5 +52,64 @@ def main(checkpoint, port, process_id, out):
     jax.distributed.shutdown()
 
 
+def contract(port, process_id, out):
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                               process_id=int(process_id))
+    import numpy as np
+
+    from lasa_jax.errors import ArtifactError, LasaError
+    from lasa_jax.infra import mesh as shd
+    from lasa_jax.infra import multihost
+    pid = jax.process_index()
+    seen = {"broadcast": multihost.broadcast({"from": pid, "text": "é" * (300 + 500 * pid)}),
+            "on_primary": multihost.on_primary(lambda: {"ran_on": pid})}
+
+    def fail():
+        raise ArtifactError("/w/bottleneck/report.json: not found")
+    try:
+        multihost.on_primary(fail)
+    except LasaError as e:
+        seen["error"] = [type(e).__name__, str(e)]
+    try:
+        multihost.barrier(f"point {pid}")  # the processes disagree on where they are
+        seen["mismatch"] = "passed"
+    except AssertionError as e:
+        seen["mismatch"] = str(e)
+    multihost.barrier("after mismatch")  # and they can still meet afterwards
+    mesh = shd.make_mesh(2, 4, 1)
+    x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    seen["to_host"] = multihost.to_host(shd.put_array(x, mesh)).tolist()
+    seen["progress"] = multihost.show_progress(True)
+    with open(os.path.join(out, f"{pid}.json"), "w") as f:
+        json.dump(seen, f)
+    jax.distributed.shutdown()
+
+
+def main_with_kill(kill_at, kill_pid, *args):
+    import signal
+    import time
+
+    from lasa_jax import main as cli
+    from lasa_jax.stages import align
+
+    def kill(step, mngr):
+        if step == int(kill_at) and jax.process_index() == int(kill_pid):
+            mngr.wait_until_finished()
+            final = os.path.join(os.fspath(mngr.directory), str(step))
+            while not os.path.isdir(final):  # finalised (renamed into place) by process 0
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    align._after_checkpoint = kill
+    sys.argv = ["lasa_jax.main", *args]
+    cli.cli()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1] == "contract":
+        contract(*sys.argv[2:])
+    elif sys.argv[1] == "main":
+        rest = sys.argv[2:]
+        main_with_kill(rest[0], rest[1], *rest[3:])  # rest[2] is "--"
+    else:
+        main(*sys.argv[1:])

@@ -26,11 +26,10 @@ list), `row N` (a dataset) or `-` for the file as a whole.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Iterable, Sequence
 
 from lasa_jax.data.languages import MULTIJAIL_LANGUAGES, normalize_language
-from lasa_jax.data.sources import FIXTURES_DIR, Source, as_sources, csv_rows, records
+from lasa_jax.data.sources import FIXTURES_DIR, as_sources, csv_rows, records
 from lasa_jax.errors import DataError, UnknownLanguage
 
 # `source` values that mean "harmful" when a record carries no explicit label: "safety" is the

@@ -35,6 +35,7 @@ from typing import Any, Iterator, Sequence
 
 from lasa_jax.data.languages import legacy_codes
 from lasa_jax.errors import DataError
+from lasa_jax.infra import fileio
 
 FIXTURES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 FIXTURE_PREFIX = "fixtures:"
@@ -98,7 +99,7 @@ def _parse_hub(spec: str, base: str, columns, field: str) -> Source:
 
 
 def _kind_of(path: str, spec: str, field: str) -> str:
-    if os.path.isdir(path):
+    if fileio.as_path(path).is_dir():
         return "saved"
     ext = os.path.splitext(path)[1].lower()
     kind = _TEXT_KINDS.get(ext) or _COLUMNAR_KINDS.get(ext)
@@ -116,8 +117,9 @@ def local_path(base: str, model_path: str = "", field: str = "file") -> str:
     if base.startswith(MODEL_PREFIX):
         if not model_path:
             raise DataError(base, None, field, "is relative to config.model.path, which is empty")
-        return os.path.join(model_path, base[len(MODEL_PREFIX):])
-    return os.path.expanduser(base)
+        rel = base[len(MODEL_PREFIX):]
+        return f"{model_path.rstrip('/')}/{rel}" if fileio.is_url(model_path) else os.path.join(model_path, rel)
+    return base if fileio.is_url(base) else os.path.expanduser(base)
 
 
 def _lang_candidates(path: str, lang: str) -> list[str]:
@@ -142,7 +144,7 @@ def resolve(text: str, *, languages: Sequence[str] | None = None, model_path: st
             if not languages:
                 raise DataError(spec, None, field, f"{LANG_FIELD} in a path needs the run's languages")
             for lang in languages:
-                found = [p for p in _lang_candidates(path, lang) if os.path.exists(p)]
+                found = [p for p in _lang_candidates(path, lang) if fileio.exists(p)]
                 if not found:
                     tried = " or ".join(_lang_candidates(path, lang))
                     raise DataError(tried, None, field, f"not found (language {lang!r})")
@@ -157,7 +159,7 @@ def resolve(text: str, *, languages: Sequence[str] | None = None, model_path: st
                 raise DataError(path, None, field, "no file matches this pattern")
             out.extend(Source(spec=m, kind=_kind_of(m, spec, field), path=m, columns=columns) for m in matches)
             continue
-        if not os.path.exists(path):
+        if not fileio.exists(path):
             raise DataError(path, None, field, "not found" if field == "file" else "data file not found")
         out.append(Source(spec=path, kind=_kind_of(path, spec, field), path=path, columns=columns))
     return out
@@ -178,13 +180,14 @@ def as_sources(path: "str | os.PathLike | Source | Sequence[Source]", *, languag
 
 
 def read_text(path: str) -> str:
-    """A local UTF-8 file (a leading byte-order mark dropped), with located errors."""
-    if not os.path.exists(path):
+    """A UTF-8 file, local or a URL such as gs:// (a leading byte-order mark dropped), with
+    located errors."""
+    where = fileio.as_path(path)
+    if not where.exists():
         raise DataError(path, None, "file", "not found")
-    if not os.path.isfile(path):
+    if where.is_dir():
         raise DataError(path, None, "file", "not a regular file")
-    with open(path, "rb") as f:
-        raw = f.read()
+    raw = where.read_bytes()
     try:
         # utf-8-sig: spreadsheet exports often start with a byte-order mark.
         return raw.decode("utf-8-sig")

@@ -1,5 +1,18 @@
-"""Multi-host start-up (when to call ``jax.distributed.initialize``), who writes reports, and
-the one helper that reads a sharded array back to the host.
+"""Multi-host start-up (when to call ``jax.distributed.initialize``) and the multi-host contract
+every stage follows:
+
+- **Whatever one process writes is followed by a barrier before anyone reads it.** Process 0
+  alone writes reports, figures, caches and exports; ``barrier(name)`` (a named
+  ``sync_global_devices`` point; a mismatch of names between processes is an error, not a hang)
+  stands between the write and the first read, and the runner puts one after every stage.
+- **Every decision that selects a code path is taken on process 0 and broadcast**
+  (``broadcast``, ``on_primary``): does ``align/hf`` exist, is a cache entry there, where does a
+  run resume. Processes that decided from their own view of a shared folder could run different
+  collectives and hang.
+- **Host reads of sharded arrays go through ``to_host``**, which gathers across processes.
+- Progress bars and console tables appear on process 0 only (``show_progress``, ``is_primary``).
+
+Single-process runs pay nothing: every helper returns at once when there is one process.
 
 Call :func:`maybe_initialize` first thing in the entry point, before anything touches a JAX
 backend (``jax.devices()``, ``jax.numpy`` arrays, ``jax.jit`` calls, loading a checkpoint):
@@ -22,18 +35,20 @@ we do not query here; ``launch/tpu_pod.sh`` therefore passes ``num_processes`` e
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 
 from lasa_jax.config import default_distributed_config
-from lasa_jax.errors import ConfigError
+from lasa_jax.errors import ConfigError, LasaError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MODES = ("auto", "always", "never")
 
@@ -145,6 +160,10 @@ def maybe_initialize(cfg: Any = None) -> bool:
         log.info("jax.distributed not initialised: %s", reason)
         return False
     kwargs = initialize_kwargs(cfg)
+    if jax.config.jax_cpu_collectives_implementation is None:
+        # Without CPU collectives a CPU-only multi-process job (the tests, a CPU cluster) fails at
+        # its first cross-process computation; gloo is JAX's default, restored if unset.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     env = os.environ
     if (kwargs["local_device_ids"] is None and "SLURM_LOCALID" in env
             and env.get("SLURM_NTASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "")).startswith("1")):
@@ -185,5 +204,60 @@ def to_host(x: jax.Array) -> np.ndarray:
     Every host read of a sharded array goes through here."""
     if x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:  # every process holds all of it already
+        return np.asarray(x.addressable_data(0))
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def show_progress(progress: bool) -> bool:
+    """Whether this process draws the progress bars a stage asked for (process 0 only)."""
+    return bool(progress) and is_primary()
+
+
+def barrier(name: str) -> None:
+    """Wait until every process has reached the sync point ``name``. Names must match across
+    processes (JAX checks), so a process that took another code path fails instead of hanging."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"lasa_jax:{name}")
+
+
+def broadcast(value: Any) -> Any:
+    """Process 0's ``value`` (anything JSON can hold) on every process; other processes' values
+    are ignored. JSON round-trips tuples as lists."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+    data = json.dumps(value).encode() if is_primary() else b""
+    n = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int32)))
+    # Lengths rounded up to a power of two: a handful of compiled broadcast shapes per run.
+    buf = np.zeros(1 << max(n - 1, 0).bit_length(), np.uint8)
+    buf[:len(data)] = np.frombuffer(data, np.uint8)
+    out = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    return json.loads(out[:n].tobytes().decode())
+
+
+def on_primary(fn: Callable[[], T]) -> T:
+    """``fn()`` run on process 0 only, its result (JSON) returned on every process; no process
+    returns before process 0 has finished ``fn`` (what it wrote can be read after this). An
+    error there is raised everywhere (a ``LasaError`` with the same message on the other
+    processes), so no process is left waiting at the next collective."""
+    if jax.process_count() == 1:
+        return fn()
+    outcome: dict[str, Any] = {}
+    failure: BaseException | None = None
+    if is_primary():
+        try:
+            outcome = {"value": fn()}
+        except BaseException as e:  # noqa: BLE001  re-raised below, after the others know
+            failure = e
+            outcome = {"error": str(e), "user": isinstance(e, LasaError)}
+    outcome = broadcast(outcome)
+    if failure is not None:
+        raise failure
+    if "error" in outcome:
+        if outcome["user"]:
+            raise LasaError(outcome["error"])
+        raise RuntimeError(f"process 0 failed: {outcome['error']}")
+    return outcome["value"]

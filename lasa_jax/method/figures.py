@@ -6,13 +6,18 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lasa_jax.infra.fileio import atomic_write
 from lasa_jax.method.probe import ALL_HELDOUT, ALL_SEEN
 from lasa_jax.method.silhouette import _encode
+
+
+def _save(fig, path: str | os.PathLike, **kw) -> None:
+    """PNG written whole or not at all, locally or to a URL (the format follows the extension)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, **kw))
 
 
 def _new_figure(width: float, height: float, dpi: int = 110):
@@ -58,7 +63,7 @@ def plot_silhouette(report: dict, path: str | os.PathLike):
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     return fig
 
 
@@ -112,7 +117,7 @@ def plot_projection(features, layers, query_ids, languages, show_layers, path):
                        title_fontsize=7)
     fig.suptitle("PCA of last-token features (L2-normalised)")
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     return fig
 
 
@@ -151,7 +156,7 @@ def plot_per_language(report: Mapping[str, Any], path: str) -> None:
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="held-out language"))
     ax.legend(handles=handles, loc="upper center", fontsize=8, ncol=4)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path, dpi=120)
 
 
 def plot_asr(report: Mapping[str, Any], path: str | os.PathLike):
@@ -177,9 +182,7 @@ def plot_asr(report: Mapping[str, Any], path: str | os.PathLike):
     ax.set_ylim(0, 105)
     ax.legend(title="Model", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    _save(fig, path, dpi=120)
     return fig
 
 

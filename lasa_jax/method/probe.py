@@ -35,6 +35,7 @@ from flax import traverse_util
 
 from lasa_jax.config import default_ssi_config
 from lasa_jax.errors import SSIError
+from lasa_jax.infra import fileio
 from lasa_jax.infra.fileio import atomic_write
 from lasa_jax.model.features import FEATURE_KINDS
 
@@ -453,7 +454,6 @@ def save_artifact(directory: str, params, meta: Mapping[str, Any]) -> None:
         raise SSIError(f"ssi save: meta lacks {', '.join(missing)}")
     if meta["feature"] not in FEATURE_KINDS.values():
         raise SSIError(f"ssi save: meta feature {meta['feature']!r} not in {list(FEATURE_KINDS.values())}")
-    os.makedirs(directory, exist_ok=True)
     flat = traverse_util.flatten_dict(params["params"], sep=".")
     tensors = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in flat.items()}
     meta_json = json.dumps(_jsonable(dict(meta)), indent=2, sort_keys=True)
@@ -470,16 +470,15 @@ def load_artifact(directory: str, *, model_fingerprint: str | None = None,
                   hidden_size: int | None = None, num_layers: int | None = None) -> SSIArtifact:
     """Loads and checks an SSI directory against the model it will run on (checks are skipped
     for arguments left None)."""
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
     meta_path = os.path.join(directory, META_FILE)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
     for path in (meta_path, weights_path):
-        if not os.path.isfile(path):
+        if not fileio.exists(path):
             raise SSIError(f"{path}: missing SSI artifact file")
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(fileio.read_text(meta_path))
     except json.JSONDecodeError as e:
         raise SSIError(f"{meta_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     missing = [k for k in _META_FIELDS if k not in meta]
@@ -496,7 +495,7 @@ def load_artifact(directory: str, *, model_fingerprint: str | None = None,
                        f"hidden size is {hidden_size}")
     if num_layers is not None and not 0 <= int(meta["layer"]) <= num_layers:
         raise SSIError(f"{meta_path}: layer {meta['layer']} out of range 0..{num_layers}")
-    flat = load_file(weights_path)
+    flat = load(fileio.read_bytes(weights_path))
     d, h = int(meta["hidden_size"]), int(meta["probe_hidden"])
     expected = {"hidden.kernel": (d, h), "hidden.bias": (h,), "norm.scale": (h,), "norm.bias": (h,),
                 "out.kernel": (h, 1), "out.bias": (1,)}

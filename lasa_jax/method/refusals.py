@@ -13,9 +13,11 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from lasa_jax.data.languages import MULTIJAIL_LANGUAGES as LANGUAGES
+from lasa_jax.data.languages import MULTIJAIL_LANGUAGES
 # The SSI-conditioned prefix of LASA: a response that repeats it is a refusal by construction.
 from lasa_jax.method.gate import REFUSAL_PREFIX
+
+LANGUAGES = MULTIJAIL_LANGUAGES  # the languages that have phrase lists below
 
 REFUSAL_PHRASES: dict[str, tuple[str, ...]] = {
     "en": (

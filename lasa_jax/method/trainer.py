@@ -17,7 +17,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lasa_jax.infra import mesh as shd
-from lasa_jax.infra.multihost import to_host
+from lasa_jax.infra.multihost import show_progress, to_host
 from lasa_jax.method.kto import alignment_loss, completion_logps, kto_loss
 from lasa_jax.method.kto_data import KTOBatches
 from lasa_jax.model.checkpoint import flatten, unflatten
@@ -219,8 +219,8 @@ def reference_logps(trainer: Trainer, ref_params, data: KTOBatches, *, progress:
     items = np.zeros(n, np.float32)
     groups = [np.arange(i, i + B) % n for i in range(0, n, B)]
     kl = np.zeros((data.total_steps, B), np.float32)
-    with tqdm(total=len(groups) + data.total_steps, desc="reference log-probs", disable=not progress,
-              leave=False) as bar:
+    with tqdm(total=len(groups) + data.total_steps, desc="reference log-probs",
+              disable=not show_progress(progress), leave=False) as bar:
         for idx in groups:
             a = data.main_arrays(idx)
             items[idx] = trainer.logps(ref_params, a["tokens"], a["attention_mask"], a["loss_mask"])

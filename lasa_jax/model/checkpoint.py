@@ -4,15 +4,16 @@ Loading never holds a second copy of the model on the host: every device shard i
 callback that reads exactly the rows/columns it needs from the safetensors files (one layer's
 tensor slice at a time) and converts them to the target dtype. On several hosts each process
 therefore reads only what its own devices hold. Export goes tensor by tensor, layer by layer,
-into size-bounded shard files written to a temporary directory that is renamed at the end.
+into size-bounded shard files of a staged folder that becomes the target at the end
+(``fileio.staged_dir``). A checkpoint may be a local (or mounted) folder or a ``gs://`` URL;
+a URL's safetensors files are read by byte range (``remote_safetensors``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -23,9 +24,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lasa_jax.errors import CheckpointError
-from lasa_jax.infra.fileio import publish_dir
+from lasa_jax.infra.fileio import as_path, is_url, local_copy, read_text, staged_dir
 from lasa_jax.infra.multihost import to_host
 from lasa_jax.model.config import ModelConfig
+from lasa_jax.model.remote_safetensors import RemoteSafetensors
 from lasa_jax.model.transformer import param_specs
 
 
@@ -127,46 +129,59 @@ def _read_slice(handle, name: str, transform: str, idx: tuple[slice, ...], our_s
 
 
 class SafetensorsIndex:
-    """Which file holds which tensor, and each tensor's shape and dtype (from the headers)."""
+    """Which file holds which tensor, and each tensor's shape and dtype (from the headers), for
+    a local folder or a URL (``open`` gives the matching reader)."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path = path = os.fspath(path)
+        root = as_path(path)
         index_file = os.path.join(path, "model.safetensors.index.json")
-        single = os.path.join(path, "model.safetensors")
-        if os.path.exists(index_file):
+        if (root / "model.safetensors.index.json").exists():
             try:
-                with open(index_file) as f:
-                    weight_map = json.load(f)["weight_map"]
+                weight_map = json.loads(read_text(index_file))["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise CheckpointError(f"{index_file}: malformed index ({e})") from None
             files = sorted(set(weight_map.values()))
-        elif os.path.exists(single):
+        elif (root / "model.safetensors").exists():
             files, weight_map = ["model.safetensors"], None
         else:
-            bins = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))] if os.path.isdir(path) else []
+            bins = sorted(p.name for p in root.iterdir() if p.name.endswith((".bin", ".pt", ".pth"))) \
+                if root.is_dir() else []
             hint = f" (found {bins}: pickle checkpoints are not loaded for safety; convert to safetensors)" if bins else ""
             raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
-        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        missing = [f for f in files if not (root / f).exists()]
         if missing:
             raise CheckpointError(f"{path}: shard file(s) listed in the index are missing: {missing}")
         self.file_of: dict[str, str] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
         self.dtype: dict[str, str] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
         for fname in files:
             full = os.path.join(path, fname)
             try:
-                with safe_open(full, framework="numpy") as h:
+                with self.open(full) as h:
                     for name in h.keys():
                         sl = h.get_slice(name)
                         self.file_of[name] = full
                         self.shape[name] = tuple(sl.get_shape())
                         self.dtype[name] = sl.get_dtype()
+                    if isinstance(h, RemoteSafetensors):
+                        self._headers[full] = (h.start, h.entries)
+            except CheckpointError:
+                raise
             except Exception as e:  # safetensors raises its own error types
                 raise CheckpointError(f"{full}: not a readable safetensors file ({e})") from None
         if weight_map is not None:
             absent = sorted(n for n, f in weight_map.items() if n not in self.file_of)
             if absent:
                 raise CheckpointError(f"{index_file}: tensors listed but not found in their files: {absent[:10]}")
+
+    def open(self, file: str):
+        """A reader of one of the checkpoint's files: ``safe_open`` (memory-mapped) for a local
+        file, byte-range reads for a URL (its header parsed once per index)."""
+        if is_url(file):
+            return RemoteSafetensors(file, self._headers.get(file))
+        return safe_open(file, framework="numpy")
 
 
 def expected_tensors(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, str, int | None, tuple]]:
@@ -228,10 +243,10 @@ def load_params(path: str, cfg: ModelConfig, *, dtype: Any = jnp.float32,
                 for j, layer in enumerate(range(idx[0].start, idx[0].stop)):
                     name = name_t.format(i=layer)
                     # Opened per tensor: a long-lived mmap would keep every touched page in RSS.
-                    with safe_open(index.file_of[name], framework="numpy") as h:
+                    with index.open(index.file_of[name]) as h:
                         out[j] = _read_slice(h, name, transform, idx[1:], shape[1:])
             else:
-                _read_blocks(index.file_of[name_t], name_t, transform, idx, shape, out)
+                _read_blocks(index, index.file_of[name_t], name_t, transform, idx, shape, out)
             return out
 
         sharding = shardings(pth, shape) if shardings is not None else default
@@ -252,7 +267,7 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 _ROW_AXIS = {"same": 0, "transpose": 1, "heads_out": 1, "heads_in": 2, "heads_bias": 0}
 
 
-def _read_blocks(file: str, name: str, transform: str, idx: tuple[slice, ...], shape, out,
+def _read_blocks(index: SafetensorsIndex, file: str, name: str, transform: str, idx: tuple[slice, ...], shape, out,
                  block_bytes: int = 64 << 20) -> None:
     """Fill ``out`` (our slice ``idx``) from a large un-stacked tensor (embeddings, LM head) in
     row blocks of at most ``block_bytes``, reopening the file per block so that mapped pages are
@@ -265,7 +280,7 @@ def _read_blocks(file: str, name: str, transform: str, idx: tuple[slice, ...], s
         stop = min(hi, start + step)
         sub = idx[:axis] + (slice(start, stop),) + idx[axis + 1:]
         dst = (slice(None),) * axis + (slice(start - lo, stop - lo),)
-        with safe_open(file, framework="numpy") as h:
+        with index.open(file) as h:
             out[dst] = _read_slice(h, name, transform, sub, shape)
 
 
@@ -285,7 +300,7 @@ def _to_hf_layout(a: np.ndarray, transform: str) -> np.ndarray:
     raise AssertionError(transform)
 
 
-_AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json", "chat_template.jinja", "chat_template.json", "vocab.json",
               "merges.txt", "tokenizer.model", "added_tokens.json")
 
@@ -296,7 +311,9 @@ def save_params(params: dict, cfg: ModelConfig, out_dir: str, *, source_dir: str
 
     Tensors are gathered one (layer) slice at a time; at most one shard file's worth of tensors
     is on the host at once. Every process must call this (gathers are collective); only process 0
-    writes. The directory appears atomically (written under a temporary name, then renamed).
+    writes. ``out_dir`` may be a URL. The folder appears whole (``fileio.staged_dir``, with
+    ``config.json`` as its commit file); in a bucket each shard is uploaded as soon as it is
+    written, so the local disk holds one shard at a time.
     """
     flat = flatten(params)
     shapes = {k: tuple(v.shape) for k, v in flat.items()}
@@ -319,45 +336,41 @@ def save_params(params: dict, cfg: ModelConfig, out_dir: str, *, source_dir: str
     shards.append(current)
 
     primary = jax.process_index() == 0
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    if primary:
-        os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent) if primary else None
-    weight_map, total = {}, 0
-    for si, shard in enumerate(shards):
-        fname = "model.safetensors" if len(shards) == 1 else f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name in shard:
-            path, transform, layer, _ = expected[name]
-            a = to_host(flat[path][layer] if layer is not None else flat[path])
-            a = _to_hf_layout(a.astype(out_dtype) if out_dtype is not None else a, transform)
-            tensors[name] = a
-            weight_map[name] = fname
-            total += a.nbytes
-        if primary:
-            save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
-        del tensors
-    if not primary:
-        return out_dir
-    if len(shards) > 1:
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    config = dict(hf_config or {})
-    if source_dir is not None:
-        with open(os.path.join(source_dir, "config.json")) as f:
-            config = {**json.load(f), **config}
-        for aux in _AUX_FILES:
-            if os.path.exists(os.path.join(source_dir, aux)):
-                shutil.copy2(os.path.join(source_dir, aux), os.path.join(tmp, aux))
-    if not config:
-        raise CheckpointError("save_params needs source_dir or hf_config to write config.json")
-    some = flat[next(iter(flat))]
-    config["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[
-        str(out_dtype or some.dtype)]
-    config.pop("dtype", None)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return publish_dir(tmp, out_dir)
+    # Every process gathers (collectives); process 0 alone stages and publishes the folder.
+    with (staged_dir(out_dir, "config.json") if primary else contextlib.nullcontext()) as stage:
+        weight_map, total = {}, 0
+        for si, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for name in shard:
+                path, transform, layer, _ = expected[name]
+                a = to_host(flat[path][layer] if layer is not None else flat[path])
+                a = _to_hf_layout(a.astype(out_dtype) if out_dtype is not None else a, transform)
+                tensors[name] = a
+                weight_map[name] = fname
+                total += a.nbytes
+            if primary:
+                save_file(tensors, os.path.join(stage.path, fname), metadata={"format": "pt"})
+                stage.flush(fname)  # into the bucket now, when the target is one
+            del tensors
+        if not primary:
+            return os.fspath(out_dir)
+        if len(shards) > 1:
+            with open(os.path.join(stage.path, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        config = dict(hf_config or {})
+        if source_dir is not None:
+            config = {**json.loads(read_text(os.path.join(source_dir, "config.json"))), **config}
+            local_copy(source_dir, AUX_FILES, stage.path)
+        if not config:
+            raise CheckpointError("save_params needs source_dir or hf_config to write config.json")
+        some = flat[next(iter(flat))]
+        config["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[
+            str(out_dtype or some.dtype)]
+        config.pop("dtype", None)
+        with open(os.path.join(stage.path, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    return os.fspath(out_dir)
 
 
 def weights_digest(path: str, sample_bytes: int = 1 << 16, samples: int = 16) -> str:
@@ -367,9 +380,9 @@ def weights_digest(path: str, sample_bytes: int = 1 << 16, samples: int = 16) ->
     index = SafetensorsIndex(path)
     h = hashlib.sha256()
     for full in sorted(set(index.file_of.values())):
-        size = os.path.getsize(full)
+        size = as_path(full).stat().length
         h.update(f"{os.path.basename(full)}:{size}".encode())
-        with open(full, "rb") as f:
+        with as_path(full).open("rb") as f:
             for k in range(samples):
                 f.seek(max(0, min(size - sample_bytes, k * size // samples)))
                 h.update(f.read(sample_bytes))

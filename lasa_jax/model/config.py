@@ -13,6 +13,7 @@ from typing import Any
 
 from lasa_jax.config import ARCH_FACTS
 from lasa_jax.errors import ConfigError
+from lasa_jax.infra import fileio
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -188,12 +189,12 @@ def from_hf_dict(raw: dict[str, Any], where: str = "config.json") -> ModelConfig
 
 def from_hf_config(path: str) -> ModelConfig:
     """Read ``path/config.json`` (or ``path`` itself if it is a file)."""
-    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.exists(file):
+    path = os.fspath(path)
+    file = os.path.join(path, "config.json") if fileio.as_path(path).is_dir() else path
+    if not fileio.exists(file):
         raise ConfigError(f"{file}: not found (expected a Hugging Face checkpoint directory)")
     try:
-        with open(file) as f:
-            raw = json.load(f)
+        raw = json.loads(fileio.read_text(file))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file}: malformed JSON ({e})") from None
     return from_hf_dict(raw, where=file)

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lasa_jax.infra.mesh import batch_multiple
-from lasa_jax.infra.multihost import to_host
+from lasa_jax.infra.multihost import show_progress, to_host
 from lasa_jax.model.lm import LanguageModel, pad_batch, round_up
 
 # config.data.feature_text -> the name an SSI artifact records for the convention it was trained on.
@@ -33,7 +33,7 @@ def extract_features(lm: LanguageModel, texts: Sequence[str], layers: Sequence[i
     out = np.zeros((len(layers), len(texts), lm.cfg.hidden_size), np.float32)
     rows = _batch_rows(lm, batch_size)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc="features", disable=not progress, leave=False):
+    for idx in tqdm(batches, desc="features", disable=not show_progress(progress), leave=False):
         tokens, mask = pad_batch([ids[i] for i in idx], lm.pad_id, padding_side=padding_side,
                                  batch_multiple=rows)
         feats = to_host(lm.features(tokens, mask, layers))

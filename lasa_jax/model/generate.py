@@ -33,8 +33,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lasa_jax.errors import CheckpointError
+from lasa_jax.infra import fileio
 from lasa_jax.infra.mesh import batch_multiple
-from lasa_jax.infra.multihost import to_host
+from lasa_jax.infra.multihost import show_progress, to_host
 from lasa_jax.model.lm import LanguageModel, pad_batch, round_up
 from lasa_jax.model.transformer import KVCache
 
@@ -47,10 +48,9 @@ def eos_ids_of(lm: LanguageModel) -> list[int]:
     (LLaMA-3's ``<|eot_id|>``, Qwen's ``<|im_end|>``), which is what ends an assistant reply."""
     ids: list[int] = []
     path = os.path.join(lm.path, "generation_config.json") if lm.path else None
-    if path and os.path.exists(path):
+    if path and fileio.exists(path):
         try:
-            with open(path, encoding="utf-8") as f:
-                value = json.load(f).get("eos_token_id")
+            value = json.loads(fileio.read_text(path)).get("eos_token_id")
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if value is not None:
@@ -179,7 +179,7 @@ def generate(lm: LanguageModel, prompt_ids: Sequence[Sequence[int]], *, max_new_
     order = np.argsort([len(p) for p in prompt_ids], kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     results: list[list[int] | None] = [None] * len(prompt_ids)
-    for idx in tqdm(batches, desc="generate", disable=not progress, leave=False):
+    for idx in tqdm(batches, desc="generate", disable=not show_progress(progress), leave=False):
         tokens, mask = pad_batch([prompt_ids[i] for i in idx], lm.pad_id, padding_side="left",
                                  pad_to_multiple=pad_to_multiple, batch_multiple=rows)
         row_valid = np.zeros(tokens.shape[0], bool)

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import tempfile
 from typing import Any, Sequence
 
 import jax
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lasa_jax.errors import CheckpointError, ConfigError
+from lasa_jax.infra import fileio
 from lasa_jax.infra import mesh as shd
 from lasa_jax.model import checkpoint as ckpt
 from lasa_jax.model.config import ModelConfig, check_expected, from_hf_config
@@ -34,11 +36,17 @@ def as_dtype(name: str | Any) -> Any:
 
 
 def load_tokenizer(path: str):
-    """The checkpoint's own tokenizer, from disk only (never the hub, never remote code)."""
+    """The checkpoint's own tokenizer, from its files only (never the hub, never remote code); a
+    checkpoint at a URL has its tokenizer files copied to a local temporary folder first."""
     import transformers
     try:
-        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                          trust_remote_code=False)
+        if not fileio.is_url(path):
+            return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                              trust_remote_code=False)
+        with tempfile.TemporaryDirectory() as local:
+            fileio.local_copy(path, ("config.json", *ckpt.AUX_FILES), local)
+            return transformers.AutoTokenizer.from_pretrained(local, local_files_only=True,
+                                                              trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot load a tokenizer from this directory ({e})".splitlines()[0]) from None
 
@@ -247,5 +255,6 @@ def pad_batch(ids: Sequence[Sequence[int]], pad_id: int, *, padding_side: str = 
 
 
 def load_model(path: str, *, dtype: str = "float32", mesh=None, **kw) -> LanguageModel:
-    """Load a local Hugging Face LLaMA / Qwen2 / Qwen3 checkpoint directory (safetensors)."""
+    """Load a Hugging Face LLaMA / Qwen2 / Qwen3 checkpoint (safetensors) from a local or mounted
+    folder or a ``gs://`` URL."""
     return LanguageModel.load(path, dtype=dtype, mesh=mesh, **kw)

@@ -6,7 +6,7 @@ import os
 
 import jax
 
-from lasa_jax.infra.fileio import publish_dir
+from lasa_jax.infra.fileio import as_path, staged_dir
 from lasa_jax.model.checkpoint import save_params
 from lasa_jax.model.config import ModelConfig, RopeConfig, to_hf_dict
 from lasa_jax.model.transformer import init_params
@@ -24,20 +24,21 @@ def tiny_model_config(family: str, vocab_size: int, *, hidden_size: int = 64, nu
 
 def make_tiny_checkpoint(directory: str, *, family: str = "llama", seed: int = 0, **sizes) -> str:
     """Random-init a tiny decoder with our own init, save it as an HF checkpoint directory with a
-    byte-level tokenizer and chat template. Idempotent: an existing checkpoint is reused."""
+    byte-level tokenizer and chat template. Idempotent: an existing checkpoint is reused.
+    ``directory`` may be a URL. Call it on one process (it writes)."""
     from lasa_jax.model.tokenizers import build_byte_tokenizer
-    if os.path.exists(os.path.join(directory, "config.json")):
+    if (as_path(directory) / "config.json").exists():
         return directory
     style = "llama3" if family == "llama" else "qwen"
     tokenizer = build_byte_tokenizer(style)
     cfg = tiny_model_config(family, len(tokenizer), **sizes)
     params = jax.jit(lambda key: init_params(cfg, key))(jax.random.key(seed))
-    tmp = directory + ".tmp"
     hf = to_hf_dict(cfg, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id)
-    save_params(params, cfg, tmp, hf_config=hf)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-        json.dump({"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                   "do_sample": False}, f)
-    return publish_dir(tmp, directory)
+    with staged_dir(directory, "config.json") as stage:
+        save_params(params, cfg, stage.path, hf_config=hf)
+        tokenizer.save_pretrained(stage.path)
+        with open(os.path.join(stage.path, "generation_config.json"), "w") as f:
+            json.dump({"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                       "do_sample": False}, f)
+    return directory

@@ -9,6 +9,7 @@ baseline arm (``lasa_jax.stages.baseline``).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -21,8 +22,8 @@ import numpy as np
 
 from lasa_jax.data import inputs
 from lasa_jax.errors import ConfigError, NonFiniteLoss
-from lasa_jax.infra import checkpoints, multihost
-from lasa_jax.infra.fileio import atomic_write, atomic_write_text, digest
+from lasa_jax.infra import checkpoints, fileio, multihost
+from lasa_jax.infra.fileio import atomic_write_text, digest
 from lasa_jax.infra.mesh import batch_multiple
 from lasa_jax.method.gate import load_for_model, ssi_verdicts
 from lasa_jax.method.kto_data import DEFAULT_SOURCE_PROBS, AlignBatches, KTOBatches, KTOItem, pairs_to_items
@@ -73,38 +74,37 @@ def baseline_align_config(a):
 def cached_reference(trainer: Trainer, ref_params, data: KTOBatches, out_dir: str, model_key: str,
                      progress: bool = False) -> str:
     """Fill ``data.ref_*`` from ``out_dir/reference-<hash>.npz`` (data + model), computing it first
-    if absent."""
+    if absent (process 0 decides, so all processes either read it or all compute it)."""
     key = digest(data.key, model_key)
     path = os.path.join(out_dir, f"reference-{key}.npz")
-    if os.path.exists(path):
-        with np.load(path) as z:
-            data.ref_logps, data.ref_kl_logps = z["items"], z["kl"]
+    if multihost.on_primary(lambda: fileio.exists(path)):
+        z = fileio.load_arrays(path)
+        data.ref_logps, data.ref_kl_logps = z["items"], z["kl"]
         return path
     items, kl = reference_logps(trainer, ref_params, data, progress=progress)
     if multihost.is_primary():
-        def write(tmp):
-            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-                np.savez(f, items=items, kl=kl)
-        atomic_write(path, write)
+        fileio.save_npz(path, items=items, kl=kl)
     data.ref_logps, data.ref_kl_logps = items, kl
     return path
 
 
 class _MetricsLog:
-    """metrics.jsonl (+ TensorBoard) on process 0; a resumed run drops lines past its step."""
+    """metrics.jsonl (+ TensorBoard) on process 0; a resumed run drops lines past its step. In a
+    local folder each row is appended as it comes; in a bucket, where an object cannot be
+    appended to, the file is rewritten whole at every checkpoint and at the end."""
 
-    def __init__(self, out_dir: str, start_step: int, tensorboard: bool):
+    def __init__(self, out_dir, start_step: int, tensorboard: bool):
         self.primary = multihost.is_primary()
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.remote = fileio.is_url(self.path)
+        self.lines: list[str] = []
         self.writer = None
         if not self.primary:
             return
-        kept = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        if fileio.exists(self.path):
+            self.lines = [line + "\n" for line in fileio.read_text(self.path).splitlines()
+                          if line.strip() and json.loads(line)["step"] <= start_step]
+        atomic_write_text(self.path, "".join(self.lines))
         if tensorboard:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
@@ -112,14 +112,21 @@ class _MetricsLog:
     def write(self, row: dict) -> None:
         if not self.primary:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.lines.append(json.dumps(row) + "\n")
+        if not self.remote:
+            with open(self.path, "a") as f:
+                f.write(self.lines[-1])
         if self.writer is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                     self.writer.add_scalar(k, v, row["step"])
 
+    def flush(self) -> None:
+        if self.primary and self.remote:
+            atomic_write_text(self.path, "".join(self.lines))
+
     def close(self) -> None:
+        self.flush()
         if self.writer is not None:
             self.writer.close()
 
@@ -140,6 +147,28 @@ def _row(step: int, data: KTOBatches, m: dict, lr: float, tokens: int, seconds: 
         # reference forwards are extra work this estimate leaves out.
         "mfu": None if peak is None else 6.0 * num_params * tps / peak,
     }
+
+
+# TensorBoard event files in a bucket: tensorboardX's uploader per scheme (module, pip package).
+_TENSORBOARD_UPLOADERS = {"gs": ("google.cloud.storage", "google-cloud-storage"), "s3": ("boto3", "boto3")}
+
+
+def check_tensorboard(config) -> None:
+    """``config.align.tensorboard`` with a workdir in a bucket needs tensorboardX's uploader for
+    that scheme; checked before any stage runs, so a long run does not stop at stage 3."""
+    workdir = str(config.workdir)
+    if not (config.align.tensorboard and fileio.is_url(workdir)):
+        return
+    scheme = workdir.split("://", 1)[0]
+    module, package = _TENSORBOARD_UPLOADERS.get(scheme, (None, None))
+    try:
+        found = module is not None and importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package (google.cloud)
+        found = False
+    if not found:
+        need = f"pip install {package}" if package else f"tensorboardX cannot write to {scheme}://"
+        raise ConfigError(f"config.align.tensorboard: TensorBoard logs in a {scheme}:// workdir need "
+                          f"an uploader ({need}); or set --config.align.tensorboard=False")
 
 
 def train(ctx, stage: str = "align") -> dict:
@@ -192,7 +221,7 @@ def train(ctx, stage: str = "align") -> dict:
     mngr = checkpoints.manager(ckpt_dir, keep=a.keep_checkpoints, async_save=a.async_checkpoints)
     params, opt_state = base_params, None
     start = 0
-    latest = mngr.latest_step()
+    latest = multihost.on_primary(mngr.latest_step)  # all processes resume from the same step
     if latest is None:
         opt_state = trainer.init_opt_state(params)
     else:
@@ -256,6 +285,7 @@ def train(ctx, stage: str = "align") -> dict:
                                                "step": np.asarray(s + 1, np.int64)},
                                  {"run_key": run_key, "step": s + 1})
                 last_good = s + 1
+                metrics_log.flush()
                 _after_checkpoint(s + 1, mngr)
         mngr.wait_until_finished()
     finally:

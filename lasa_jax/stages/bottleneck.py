@@ -68,7 +68,6 @@ def write_outputs(outdir, report, features, layers, query_ids, languages, extra:
     if clash:
         raise ValueError(f"extra: keys {clash} would overwrite report fields")
     outdir = os.fspath(outdir)
-    os.makedirs(outdir, exist_ok=True)
     paths = {
         "report": os.path.join(outdir, "report.json"),
         "silhouette": os.path.join(outdir, "silhouette.png"),

@@ -22,7 +22,7 @@ import jax
 
 from lasa_jax.data import inputs
 from lasa_jax.errors import ArtifactError, ConfigError
-from lasa_jax.infra import multihost
+from lasa_jax.infra import fileio, multihost
 from lasa_jax.infra.fileio import read_json, read_jsonl, write_json, write_jsonl
 from lasa_jax.method import figures, judges
 from lasa_jax.method import report as rep
@@ -106,12 +106,12 @@ def rejudge(workdir: str, judge_name: str = "refusal", *, guard_path: str = "",
     settings; overwrites judged.jsonl, report.json and asr.png."""
     out_dir = os.path.join(workdir, "evaluate")
     path = os.path.join(out_dir, GENERATIONS)
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         raise ArtifactError(f"{path}: no generations to re-judge; run the evaluate stage first")
     records = read_jsonl(path)
     config = None
     cfg_path = os.path.join(out_dir, EVAL_CONFIG)
-    if os.path.exists(cfg_path):
+    if fileio.exists(cfg_path):
         config = read_json(cfg_path, "evaluation config")
     model_path = ((config or {}).get("model") or {}).get("path") or ""
     judge = make_judge(judge_name, guard_path=guard_path, language_check=language_check,
@@ -148,7 +148,9 @@ def run(ctx) -> dict:
     out_dir = ctx.stage_dir("evaluate")
     items = _prompt_items(ctx)
     aligned_path = os.path.join(ctx.workdir, "align", "hf")
-    have_aligned = os.path.exists(os.path.join(aligned_path, "config.json"))
+    # Which models to evaluate is decided on process 0: all processes then load the same ones.
+    exported = lambda d: multihost.on_primary(lambda: fileio.exists(os.path.join(d, "config.json")))
+    have_aligned = exported(aligned_path)
     models = []
     if have_aligned:
         models.append(("aligned", aligned_path))
@@ -156,7 +158,7 @@ def run(ctx) -> dict:
         log.warning("evaluate: %s not found; evaluating the base model only", aligned_path)
     # The baseline stage's model (plain KTO, no SSI/prefix) is evaluated ungated whenever it exists.
     baseline_path = os.path.join(ctx.workdir, "baseline", "hf")
-    if os.path.exists(os.path.join(baseline_path, "config.json")):
+    if exported(baseline_path):
         models.append(("baseline", baseline_path))
     if e.compare_base or not have_aligned:
         models.append(("base", None))
@@ -168,7 +170,7 @@ def run(ctx) -> dict:
         artifact = None
         if name == "aligned" and e.use_ssi:
             ssi_dir = os.path.join(ctx.workdir, "ssi")
-            if not os.path.exists(os.path.join(ssi_dir, "ssi.json")):
+            if not multihost.on_primary(lambda: fileio.exists(os.path.join(ssi_dir, "ssi.json"))):
                 raise ArtifactError(f"{ssi_dir}: no SSI artifact; run the ssi stage or set "
                                     "evaluate.use_ssi=False")
             artifact = load_for_model(lm, ssi_dir)
