@@ -1,17 +1,23 @@
-"""``run(config)``: start multi-host if asked, build one ``Context``, run ``config.stages`` in order.
+"""``run(config)``: start multi-host if asked, take the workdir, check every input, then run
+``config.stages`` in order.
 
 The order and the stage modules are listed here, once: bottleneck -> ssi -> align -> baseline ->
-evaluate, each ``lasa_jax.stages.<name>.run(ctx)``.
+evaluate, each ``lasa_jax.stages.<name>.run(ctx)``. Before any stage: process 0 takes the workdir
+lock (``lasa_jax.infra.lock``; a second run on the same workdir stops at once) and every process
+runs the preflight (``lasa_jax.preflight``), so a bad field or file is reported before hours of
+compute, not after them.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import time
 
+from lasa_jax import preflight
 from lasa_jax.config import stages_of
 from lasa_jax.context import Context
 from lasa_jax.infra import multihost
+from lasa_jax.infra.lock import WorkdirLock
 from lasa_jax.stages import align, baseline, bottleneck, evaluate, ssi
 
 log = logging.getLogger("lasa_jax")
@@ -25,10 +31,12 @@ def run(config) -> Context:
     multihost.maybe_initialize(config.distributed)
     names = stages_of(config)
     ctx = Context(config)
-    os.makedirs(ctx.workdir, exist_ok=True)
-    for name in names:
-        t0 = time.time()
-        log.info("stage %s: start", name)
-        STAGES[name](ctx)
-        log.info("stage %s: done in %.1fs", name, time.time() - t0)
+    lock = WorkdirLock(ctx.workdir) if multihost.is_primary() else contextlib.nullcontext()
+    with lock:
+        preflight.check(ctx, names)
+        for name in names:
+            t0 = time.time()
+            log.info("stage %s: start", name)
+            STAGES[name](ctx)
+            log.info("stage %s: done in %.1fs", name, time.time() - t0)
     return ctx
