@@ -91,7 +91,9 @@ def cached_reference(trainer: Trainer, ref_params, data: KTOBatches, out_dir: st
 
 
 class _MetricsLog:
-    """metrics.jsonl (+ TensorBoard) on process 0; a resumed run drops lines past its step."""
+    """metrics.jsonl (+ TensorBoard) on process 0. A resumed run first cuts the file back to one
+    row per step up to its start step (the last row of a step wins; a line torn by a kill is
+    dropped), rewritten atomically, so the log of a resumed run has exactly one row per step."""
 
     def __init__(self, out_dir: str, start_step: int, tensorboard: bool):
         self.primary = multihost.is_primary()
@@ -99,12 +101,17 @@ class _MetricsLog:
         self.writer = None
         if not self.primary:
             return
-        kept = []
+        rows: dict[int, str] = {}
         if os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        step = json.loads(line)["step"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    if isinstance(step, int) and step <= start_step:
+                        rows[step] = line if line.endswith("\n") else line + "\n"
+        atomic_write_text(self.path, "".join(rows[k] for k in sorted(rows)))
         if tensorboard:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
@@ -181,32 +188,32 @@ def train(ctx, stage: str = "align") -> dict:
     base_params = lm.params
     lm = lm.with_params(None)  # its buffers become the policy's, which every step donates
     model_key = digest(weights_digest(lm.path), str(lm.param_dtype), str(lm.dtype))
-    ref_path = None
-    if a.reference == "precomputed":
-        ref_path = cached_reference(trainer, base_params, data, out_dir, model_key, progress=c.progress)
-
     run_key = {"data": data.key, "model": model_key, "total_steps": total, "lambda_align": float(a.lambda_align),
                "align_layer": layer}
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     mngr = checkpoints.manager(ckpt_dir, keep=a.keep_checkpoints, async_save=a.async_checkpoints)
-    params, opt_state = base_params, None
-    start = 0
-    latest = mngr.latest_step()
-    if latest is None:
-        opt_state = trainer.init_opt_state(params)
+    newest = checkpoints.newest_meta(mngr)
+    if newest is not None:  # before the reference pass: checkpoints of another run stop us now
+        _check_run_key(ckpt_dir, *newest, run_key)
+    ref_path = None
+    if a.reference == "precomputed":
+        ref_path = cached_reference(trainer, base_params, data, out_dir, model_key, progress=c.progress)
+
+    start, latest = 0, None
+    as_abstract = lambda tree, shardings: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    abstract = {"params": as_abstract(base_params, trainer.param_shardings),
+                "opt_state": as_abstract(jax.eval_shape(trainer.tx.init, base_params), trainer.opt_shardings),
+                "step": np.zeros((), np.int64)}
+    if mngr.all_steps() and a.reference == "precomputed":
+        base_params = None  # a resumed run needs only the restored copy: free the base one first
+    # The newest step that restores; an unreadable newer one is reported and moved aside.
+    restored = checkpoints.restore_latest(mngr, abstract, what=f"{stage} checkpoint")
+    if restored is None:
+        params, opt_state = base_params, trainer.init_opt_state(base_params)
     else:
-        as_abstract = lambda tree, shardings: jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-        abstract = {"params": as_abstract(params, trainer.param_shardings),
-                    "opt_state": as_abstract(jax.eval_shape(trainer.tx.init, params), trainer.opt_shardings),
-                    "step": np.zeros((), np.int64)}
-        if a.reference == "precomputed":
-            del params  # the base weights are no longer needed: free them before restoring
-        state, meta = checkpoints.restore(mngr, latest, abstract)
-        differs = sorted(k for k in run_key if meta.get("run_key", {}).get(k) != run_key[k])
-        if differs:
-            raise ConfigError(f"{ckpt_dir}: checkpoint step {latest} belongs to a different run "
-                              f"(differs in {', '.join(differs)}); use a fresh workdir or delete the checkpoints")
+        latest, state, meta = restored
+        _check_run_key(ckpt_dir, latest, meta, run_key)
         params, opt_state = state["params"], state["opt_state"]
         start = int(state["step"])
         log.info("%s: resuming from step %d of %d (%s)", stage, start, total, ckpt_dir)
@@ -273,6 +280,13 @@ def train(ctx, stage: str = "align") -> dict:
     if multihost.is_primary():
         atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def _check_run_key(ckpt_dir: str, step: int, meta: dict, run_key: dict) -> None:
+    differs = sorted(k for k in run_key if (meta.get("run_key") or {}).get(k) != run_key[k])
+    if differs:
+        raise ConfigError(f"{ckpt_dir}: checkpoint step {step} belongs to a different run "
+                          f"(differs in {', '.join(differs)}); use a fresh workdir or delete the checkpoints")
 
 
 def _after_checkpoint(step: int, mngr) -> None:
