@@ -15,10 +15,12 @@ from lasa_jax.data.languages import normalize_language
 from lasa_jax.data.readers import FIXTURES_DIR
 from lasa_jax.errors import ArtifactError, ConfigError, DataError, UnknownLanguage
 from lasa_jax.infra import fitcheck, multihost
-from lasa_jax.infra.fileio import file_hash, read_json
+from lasa_jax.infra.fileio import cached_array, file_hash, read_json
 from lasa_jax.infra.mesh import mesh_from_config
 from lasa_jax.model.checkpoint import weights_digest
 from lasa_jax.model.config import from_hf_config
+from lasa_jax.model.features import extract_features
+from lasa_jax.model.lengths import PromptBound, limit_for
 from lasa_jax.model.lm import LanguageModel, load_model
 from lasa_jax.model.tiny import make_tiny_checkpoint
 
@@ -80,10 +82,39 @@ class Context:
 
     def feature_cache_key(self, lm: LanguageModel, prompt_file: str, layers) -> dict:
         """Everything a cached feature array depends on: weights, prompt file, languages read from
-        it, layers and the feature convention."""
+        it, layers, the feature convention and the prompt length limit."""
         return {"model_fingerprint": lm.fingerprint, "weights": weights_digest(lm.path),
                 "prompts": file_hash(prompt_file), "languages": self.languages, "layers": list(layers),
-                "feature_text": self.config.data.feature_text, "dtype": str(np.dtype(lm.dtype))}
+                "feature_text": self.config.data.feature_text, "dtype": str(np.dtype(lm.dtype)),
+                "prompt_limit": self.prompt_bound(lm).limit}
+
+    def prompt_bound(self, lm: LanguageModel, origins=None, *, reserve: int = 0, limit: int = 0) -> PromptBound:
+        """The length bound of a tokenising path: the model's context less ``reserve`` (a reply's
+        new tokens), and at most ``config.data.max_prompt_tokens`` and the path's own ``limit``
+        (each when > 0). ``origins``: prompt text -> (file, record), for reports and errors."""
+        configured = [int(x) for x in (self.config.data.max_prompt_tokens, limit) if int(x) > 0]
+        return PromptBound(limit_for(lm.cfg.max_position_embeddings, min(configured, default=0), reserve),
+                           origins)
+
+    def features(self, lm: LanguageModel, prompt_file: str, texts, layers, origins, *, batch_size: int,
+                 extra_key: dict | None = None) -> tuple[np.ndarray, dict]:
+        """(features, prompt-length report) of ``texts`` read from ``prompt_file``, through the
+        feature cache when ``config.bottleneck.cache``."""
+        c = self.config
+        bound = self.prompt_bound(lm, origins)
+        chat = c.data.feature_text == "chat"
+        key = {**self.feature_cache_key(lm, prompt_file, layers), **(extra_key or {})}
+        computed = []
+
+        def compute():
+            computed.append(True)
+            return extract_features(lm, texts, layers, batch_size=batch_size, chat_template=chat,
+                                    bound=bound, progress=c.progress)
+
+        feats = cached_array(self.cache_dir if c.bottleneck.cache else None, key, compute)
+        if not computed:  # read from the cache: count the cut prompts all the same (tokens only)
+            lm.token_ids(texts, chat_template=chat, bound=bound)
+        return feats, bound.report()
 
     def bottleneck_layer(self, override: int, field: str) -> int:
         """``override`` when it is >= 0 (checked against the model by the caller), else k* from

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -125,7 +126,10 @@ def cached_array(cache_dir: str | None, key_parts: dict, compute: Callable[[], n
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir, f"features-{key}.npy")
     if os.path.exists(path):
-        return np.load(path, allow_pickle=False)
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:  # damaged after it was written: recompute
+            logging.getLogger("lasa_jax").warning("%s: unreadable cache entry (%s); recomputing it", path, e)
     value = compute()
 
     def write(tmp):

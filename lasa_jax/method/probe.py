@@ -480,8 +480,10 @@ def load_artifact(directory: str, *, model_fingerprint: str | None = None,
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SSIError(f"{meta_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SSIError(f"{meta_path}: not valid JSON ({e}); rerun the ssi stage") from None
+    if not isinstance(meta, dict):
+        raise SSIError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     missing = [k for k in _META_FIELDS if k not in meta]
     if missing:
         raise SSIError(f"{meta_path}: missing field(s) {', '.join(missing)}")
@@ -496,7 +498,11 @@ def load_artifact(directory: str, *, model_fingerprint: str | None = None,
                        f"hidden size is {hidden_size}")
     if num_layers is not None and not 0 <= int(meta["layer"]) <= num_layers:
         raise SSIError(f"{meta_path}: layer {meta['layer']} out of range 0..{num_layers}")
-    flat = load_file(weights_path)
+    try:
+        flat = load_file(weights_path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise SSIError(f"{weights_path}: not a readable safetensors file ({' '.join(str(e).split())}); "
+                       "rerun the ssi stage") from None
     d, h = int(meta["hidden_size"]), int(meta["probe_hidden"])
     expected = {"hidden.kernel": (d, h), "hidden.bias": (h,), "norm.scale": (h,), "norm.bias": (h,),
                 "out.kernel": (h, 1), "out.bias": (1,)}

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from lasa_jax.data.readers import read_kto_pairs, read_parallel
-from lasa_jax.errors import ConfigError, NonFiniteLoss
+from lasa_jax.errors import ArtifactError, ConfigError, NonFiniteLoss
 from lasa_jax.infra import checkpoints, multihost
 from lasa_jax.infra.fileio import atomic_write, atomic_write_text, digest
 from lasa_jax.infra.mesh import batch_multiple
@@ -159,18 +159,25 @@ def train(ctx, stage: str = "align") -> dict:
     if a.reference not in ("precomputed", "per_step"):
         raise ConfigError(f"config.align.reference must be 'precomputed' or 'per_step', got {a.reference!r}")
     out_dir = ctx.stage_dir(stage)
-    pairs = read_kto_pairs(ctx.data_path("kto_pairs"))
+    pairs_path = ctx.data_path("kto_pairs")
+    pairs = read_kto_pairs(pairs_path)
     ctx.release_base()  # the feature stages' copy; this stage loads (and trains) its own
     lm = ctx.load(stage="align")
+    origins = {}
+    for p in pairs:
+        origins.setdefault(p.prompt, (pairs_path, f"idx {p.idx}" + (f" ({p.language})" if p.language else "")))
     verdicts = None
     if a.z_mode == "ssi":
         artifact = load_for_model(lm, os.path.join(ctx.workdir, "ssi"))
-        verdicts = ssi_verdicts(lm, [p.prompt for p in pairs], artifact,
-                                batch_size=c.ssi.batch_size_features, progress=c.progress)
+        verdicts = ssi_verdicts(lm, [p.prompt for p in pairs], artifact, batch_size=c.ssi.batch_size_features,
+                                progress=c.progress, bound=ctx.prompt_bound(lm, origins))
     items = make_items(pairs, a, seed=c.seed, verdicts=verdicts)
+    prompt_bound = ctx.prompt_bound(lm, origins, limit=a.max_prompt_length)
     data = KTOBatches(items, lm.tokenizer, batch_size=a.batch_size, grad_accum=a.grad_accum, seed=c.seed,
                       epochs=a.epochs, max_steps=a.max_steps, max_length=a.max_length,
-                      max_prompt_length=a.max_prompt_length, pad_id=lm.pad_id)
+                      max_prompt_length=prompt_bound.limit, pad_id=lm.pad_id)
+    for text, n in data.truncated.items():
+        prompt_bound.note(text, n)
     bm = batch_multiple(lm.mesh)
     if (a.batch_size // a.grad_accum) % bm:
         raise ConfigError(f"config.align: batch_size / grad_accum = {a.batch_size // a.grad_accum} items per "
@@ -181,13 +188,14 @@ def train(ctx, stage: str = "align") -> dict:
         lm.check_layers([layer], "config.align.align_layer")
         queries = read_parallel(ctx.data_path("parallel_prompts"), ctx.languages)
         align_data = AlignBatches(lm, queries, queries_per_step=a.align_batch_queries,
-                                  seed=c.seed, chat_template=c.data.feature_text == "chat", batch_multiple=bm)
+                                  seed=c.seed, chat_template=c.data.feature_text == "chat", batch_multiple=bm,
+                                  bound=ctx.prompt_bound(lm, limit=a.max_prompt_length))
     total = data.total_steps
     trainer = Trainer(lm, a, total_steps=total, per_step_reference=a.reference == "per_step",
                       lambda_align=a.lambda_align, align_layer=layer)
     base_params = lm.params
     lm = lm.with_params(None)  # its buffers become the policy's, which every step donates
-    model_key = digest(weights_digest(lm.path), str(lm.param_dtype), str(lm.dtype))
+    model_key = _model_key(lm)
     run_key = {"data": data.key, "model": model_key, "total_steps": total, "lambda_align": float(a.lambda_align),
                "align_layer": layer}
     ckpt_dir = os.path.join(out_dir, "checkpoints")
@@ -200,11 +208,7 @@ def train(ctx, stage: str = "align") -> dict:
         ref_path = cached_reference(trainer, base_params, data, out_dir, model_key, progress=c.progress)
 
     start, latest = 0, None
-    as_abstract = lambda tree, shardings: jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-    abstract = {"params": as_abstract(base_params, trainer.param_shardings),
-                "opt_state": as_abstract(jax.eval_shape(trainer.tx.init, base_params), trainer.opt_shardings),
-                "step": np.zeros((), np.int64)}
+    abstract = _abstract_state(trainer, base_params)
     if mngr.all_steps() and a.reference == "precomputed":
         base_params = None  # a resumed run needs only the restored copy: free the base one first
     # The newest step that restores; an unreadable newer one is reported and moved aside.
@@ -276,10 +280,79 @@ def train(ctx, stage: str = "align") -> dict:
         lm.with_params(params).save(hf_dir, dtype=a.export_dtype or lm.param_dtype)
     summary = {"steps": total, "resumed_from": start, "final_loss": last_row.get("loss"),
                "final_margin": last_row.get("rewards/margins"), "checkpoints": ckpt_dir,
-               "metrics": metrics_log.path, "reference": ref_path, "hf": hf_dir, "num_items": len(items)}
+               "metrics": metrics_log.path, "reference": ref_path, "hf": hf_dir, "num_items": len(items),
+               "prompt_lengths": prompt_bound.report()}
     if multihost.is_primary():
         atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def _model_key(lm) -> str:
+    return digest(weights_digest(lm.path), str(lm.param_dtype), str(lm.dtype))
+
+
+def _abstract_state(trainer: Trainer, params) -> dict:
+    """The checkpointed state's shapes, dtypes and shardings (what Orbax restores into)."""
+    as_abstract = lambda tree, shardings: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return {"params": as_abstract(params, trainer.param_shardings),
+            "opt_state": as_abstract(jax.eval_shape(trainer.tx.init, params), trainer.opt_shardings),
+            "step": np.zeros((), np.int64)}
+
+
+def export_status(ctx, stage: str = "align") -> str | None:
+    """What ``WORKDIR/<stage>`` offers the evaluate stage: "hf" (an export), "checkpoint" (a run
+    that trained to its last step but has no export: ``align.export=False``, or killed while
+    exporting) or None (neither). A run that stopped before its last step is an ``ArtifactError``:
+    evaluating it would silently evaluate a half-trained model. Reads only small metadata."""
+    out_dir = os.path.join(ctx.workdir, stage)
+    hf_dir, ckpt_dir = os.path.join(out_dir, "hf"), os.path.join(out_dir, "checkpoints")
+    if os.path.exists(os.path.join(hf_dir, "config.json")):
+        return "hf"
+    if not os.path.isdir(ckpt_dir):
+        return None
+    mngr = checkpoints.manager(ckpt_dir, keep=ctx.config.align.keep_checkpoints, async_save=False)
+    try:
+        if not mngr.all_steps():
+            return None
+        newest = checkpoints.newest_meta(mngr)
+    finally:
+        mngr.close()
+    total = ((newest or (0, {}))[1].get("run_key") or {}).get("total_steps")
+    if newest is None or newest[0] != total:
+        where = "no readable step" if newest is None else f"step {newest[0]} of {total}"
+        raise ArtifactError(f"{hf_dir}: not found, and {ckpt_dir} holds {where}: the {stage} stage did not "
+                            f"finish; rerun it (--config.stages={stage},evaluate)")
+    return "checkpoint"
+
+
+def finished_export(ctx, stage: str = "align") -> str | None:
+    """``WORKDIR/<stage>/hf`` for the evaluate stage, exported now from the final checkpoint when
+    only that exists (``export_status``); None when the stage left neither."""
+    status = export_status(ctx, stage)
+    out_dir = os.path.join(ctx.workdir, stage)
+    hf_dir, ckpt_dir = os.path.join(out_dir, "hf"), os.path.join(out_dir, "checkpoints")
+    if status != "checkpoint":
+        return hf_dir if status == "hf" else None
+    a = ctx.config.align if stage == "align" else baseline_align_config(ctx.config.align)
+    mngr = checkpoints.manager(ckpt_dir, keep=a.keep_checkpoints, async_save=False)
+    step, meta = checkpoints.newest_meta(mngr)
+    ctx.release_base()
+    lm = ctx.load(stage="align")
+    if meta["run_key"].get("model") != _model_key(lm):
+        raise ArtifactError(f"{ckpt_dir}: step {step} was trained from another base model than "
+                            f"{lm.path}; rerun the {stage} stage")
+    trainer = Trainer(lm, a, total_steps=step, per_step_reference=False)
+    abstract = _abstract_state(trainer, lm.params)
+    lm = lm.with_params(None)  # free the base weights before the trained ones arrive
+    restored, state, _ = checkpoints.restore_latest(mngr, abstract, what=f"{stage} checkpoint")
+    mngr.close()
+    if restored != step:  # the final step did not restore and an earlier one did
+        raise ArtifactError(f"{hf_dir}: not found, and the final step of {ckpt_dir} does not restore; rerun the "
+                            f"{stage} stage (it resumes from step {restored})")
+    log.warning("%s: %s missing; exporting it from the final checkpoint (step %d)", stage, hf_dir, step)
+    lm.with_params(state["params"]).save(hf_dir, dtype=a.export_dtype or lm.param_dtype)
+    return hf_dir
 
 
 def _check_run_key(ckpt_dir: str, step: int, meta: dict, run_key: dict) -> None:

@@ -13,9 +13,9 @@ import numpy as np
 
 from lasa_jax.data.readers import read_prompts
 from lasa_jax.infra import multihost
-from lasa_jax.infra.fileio import atomic_write_text, cached_array
+from lasa_jax.infra.fileio import atomic_write_text
 from lasa_jax.method import figures, probe
-from lasa_jax.model.features import FEATURE_KINDS, extract_features
+from lasa_jax.model.features import FEATURE_KINDS
 
 
 def run(ctx) -> dict:
@@ -25,18 +25,19 @@ def run(ctx) -> dict:
     lm.check_layers([layer], "config.ssi.layer")
     path = ctx.data_path("ssi_prompts")
     prompts = read_prompts(path)
-    key = ctx.feature_cache_key(lm, path, [layer])
-    feats = cached_array(ctx.cache_dir if c.bottleneck.cache else None, key,
-                         lambda: extract_features(lm, [p.text for p in prompts], [layer],
-                                                  batch_size=c.ssi.batch_size_features,
-                                                  chat_template=c.data.feature_text == "chat",
-                                                  progress=c.progress))[0]
+    origins = {}
+    for p in prompts:
+        origins.setdefault(p.text, (path, f"idx {p.idx} ({p.language})"))
+    feats, lengths = ctx.features(lm, path, [p.text for p in prompts], [layer], origins,
+                                  batch_size=c.ssi.batch_size_features)
+    feats = feats[0]
     labels = np.array([p.harmful for p in prompts], np.int32)
     langs = [p.language for p in prompts]
     settings = c.ssi.to_dict()
     settings["seed"] = c.seed if settings["seed"] == -1 else settings["seed"]
     artifact, report = probe.train_ssi(feats, labels, langs, settings, meta={
         "layer": layer, "model_fingerprint": lm.fingerprint, "feature": FEATURE_KINDS[c.data.feature_text]})
+    report["prompt_lengths"] = lengths
     if multihost.is_primary():
         out = ctx.stage_dir("ssi")
         probe.save_artifact(out, artifact.params, artifact.meta)
