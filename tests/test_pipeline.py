@@ -145,7 +145,7 @@ def test_ssi_layer_out_of_range_is_one_line(tiny, tmp_path):
     config = _config(tmp_path / "run", tiny, ssi__layer=7)
     config.unlock()
     config.stages = "ssi"
-    with pytest.raises(ValueError, match=r"layer\(s\) \[7\] out of range: this model has layers 0..3"):
+    with pytest.raises(ValueError, match=r"^config\.ssi\.layer=7: out of range; this model has layers 0\.\.3"):
         run(config)
 
 
