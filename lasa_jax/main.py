@@ -60,16 +60,35 @@ def user_message(e: BaseException) -> str | None:
     return None
 
 
+def _bad_override(e: BaseException):
+    bad = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    message = " ".join(str(e).split())
+    if isinstance(e, flags.Error) and "--config" not in message:
+        print(f"error: bad command-line flag ({message})", file=sys.stderr)
+    else:
+        print(f"error: bad --config override ({message}); overrides given: {bad}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    # absl reports a value that does not parse (--config.align.batch_size=abc) in two lines with
+    # exit status 1; ours is one line and status 2, like every other user error.
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        if os.environ.get("LASA_DEBUG"):
+            raise
+        _bad_override(e)
+
+
 def cli():
     try:
-        app.run(main)
+        app.run(main, flags_parser=_parse_flags)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         if _started or os.environ.get("LASA_DEBUG"):
             raise
         # Raised while parsing --config overrides, before main(): an unknown field or a bad value.
-        bad = [a for a in sys.argv[1:] if a.startswith("--config.")]
-        print(f"error: bad --config override ({e}); overrides given: {bad}", file=sys.stderr)
-        sys.exit(2)
+        _bad_override(e)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ uninterrupted run. dtype float32; parameters compared to 1e-6 absolute.
 Kill -9 during ``align`` and while a checkpoint is being written, and a non-finite loss, are
 tests/test_train.py's (resume to 1e-6; one-line ``NonFiniteLoss`` naming the last good checkpoint).
 """
-import csv
 import errno
 import hashlib
 import importlib.util
@@ -192,7 +191,8 @@ def test_cli_field_errors_exit_2_with_one_line(work):
     before = snapshot(work)
     assert_cli_error(cli(work, **{"ssi.layer": 99}), "config.ssi.layer=99: out of range")
     assert_cli_error(cli(work, stages="bottleneck,foo"), "config.stages: unknown stage(s) ['foo']")
-    assert_cli_error(cli(work, **{"align.batch_size": "abc"}), "bad --config override")
+    assert_cli_error(cli(work, **{"align.batch_size": "abc"}), "bad --config override",
+                     "--config.align.batch_size=abc: invalid literal for int()")
     assert snapshot(work) == before
 
 
@@ -283,18 +283,8 @@ def test_long_ssi_prompt_is_cut_and_counted(work, tmp_path):
     assert report["prompt_lengths"]["limit"] == 512 and report["prompt_lengths"]["truncated"] == 1
 
 
-def _long_eval(tmp_path):
-    with open(os.path.join(FIXTURES_DIR, "mild_harmful.csv"), encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f))
-    rows[1][rows[0].index("en")] = LONG
-    path = tmp_path / "harmful.csv"
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        csv.writer(f).writerows(rows)
-    return path
-
-
 def test_long_evaluation_prompt_is_cut_and_counted(work, tmp_path):
-    path = _long_eval(tmp_path)
+    path = _long_parallel(tmp_path)  # as the harmful evaluation set
     runner.run(tiny_config(work, stages="evaluate", **{"data.eval_harmful": str(path)}))
     report = json.loads((work / "evaluate" / "report.json").read_text())
     # Generation leaves room for the 4 new tokens; the SSI reads the raw prompt (BOS + 200,000 bytes).
@@ -307,7 +297,7 @@ def test_long_evaluation_prompt_is_cut_and_counted(work, tmp_path):
 def test_prompt_that_cannot_fit_names_file_and_record(work, tmp_path):
     """A limit of 8 tokens cannot hold the chat template's tail (end of turn + assistant header)."""
     before = snapshot(work / "evaluate")
-    path = _long_eval(tmp_path)
+    path = _long_parallel(tmp_path)  # as the harmful evaluation set
     message = run_error(tiny_config(work, stages="evaluate", **{"data.eval_harmful": str(path),
                                                                "data.max_prompt_tokens": 8}),
                         f"{path}:id 1 (en): prompt:", "leave no room in the limit of 8")
@@ -506,7 +496,7 @@ def test_lock_is_taken_by_exactly_one_of_racing_runs(tmp_path, stale):
 def test_second_run_on_a_workdir_fails_at_once_naming_the_first(work):
     shutil.rmtree(work / "align")  # the first run trains align from scratch: long enough to be caught
     first = subprocess.Popen([sys.executable, "-m", "lasa_jax.main", "--config=configs/tiny.py",
-                              f"--config.workdir={work}", "--config.stages=ssi,align", "--config.bottleneck.cache=False",
+                              f"--config.workdir={work}", "--config.stages=align",
                               *[f"--config.{k}={v}" for k, v in OVERRIDES.items()]],
                              cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
@@ -516,7 +506,7 @@ def test_second_run_on_a_workdir_fails_at_once_naming_the_first(work):
             assert first.poll() is None and time.time() < deadline, "the first run never took the lock"
             time.sleep(0.2)
         t0 = time.time()
-        second = cli(work, stages="ssi,align")
+        second = cli(work, stages="align")
         assert_cli_error(second, f"{work / 'lasa.lock'}: the workdir is in use by host {socket.gethostname()} "
                                  f"pid {first.pid}")
         assert first.poll() is None, "the second run must fail while the first still runs"
