@@ -353,6 +353,15 @@ def test_metrics_log_keeps_one_row_per_step(tmp_path):
     assert kept == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 3.0}]
 
 
+def test_os_errors_a_user_fixes_are_one_line_others_are_bugs():
+    assert user_message(OSError(errno.EACCES, "Permission denied", "/w/align/x")) == "/w/align/x: Permission denied"
+    assert user_message(OSError(errno.EROFS, "Read-only file system", "/w/x")) == "/w/x: Read-only file system"
+    assert user_message(OSError(errno.ENOSPC, "No space left on device")) == \
+        "(path not reported): No space left on device"
+    assert user_message(OSError(errno.ENOENT, "No such file or directory", "/w/x")) is None  # a bug of ours
+    assert user_message(RuntimeError("x")) is None
+
+
 def test_full_disk_during_align_is_one_line_and_resumable(built, work, monkeypatch):
     shutil.rmtree(work / "align" / "checkpoints" / "4")
     shutil.rmtree(work / "align" / "hf")
