@@ -336,8 +336,10 @@ def _check_data(ctx, stages: list[str]) -> None:
                                   f"labels {sorted(labels)})")
     if {"align", "baseline"} & set(stages):
         pairs = read_kto_pairs(ctx.data_path("kto_pairs"))
-        if c.align.z_mode != "ssi":
-            align.make_items(pairs, c.align, seed=c.seed)  # a source without a probability, a missing label
+        for stage in {"align", "baseline"} & set(stages):
+            a = c.align if stage == "align" else align.baseline_align_config(c.align)
+            if a.z_mode != "ssi":  # a source without a probability, a missing label
+                align.make_items(pairs, a, seed=c.seed)
     if "evaluate" in stages:
         if not c.data.eval_harmful:
             raise ConfigError("config.data.eval_harmful: empty; the evaluation needs harmful prompts")

@@ -485,6 +485,8 @@ def _race(workdir, barrier, results):
         results.put("locked")
 
 
+# The forked racers run only the lock's plain-Python code, never JAX, so fork is safe here.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 @pytest.mark.parametrize("stale", [False, True])
 def test_lock_is_taken_by_exactly_one_of_racing_runs(tmp_path, stale):
     if stale:  # all racers find the same dead holder's lock
