@@ -103,6 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_benign = _fixture("benign_twins.csv")
     c.data.languages = "en,zh,it,vi,ar,ko,th,bn,sw,jv"  # any ISO 639-1 codes
     c.data.feature_text = "raw"  # raw | chat : which text a prompt's feature is read from
+    # Longest prompt in tokens any stage feeds the model (longer ones keep their end and are
+    # counted in the stage's report); 0 = the model's max_position_embeddings. Generation also
+    # leaves room for evaluate.max_new_tokens, align also applies align.max_prompt_length.
+    c.data.max_prompt_tokens = 0
 
     c.bottleneck = ml_collections.ConfigDict()
     c.bottleneck.batch_size = 16

@@ -18,14 +18,17 @@ from lasa_jax.data import inputs
 from lasa_jax.data.sources import local_path
 from lasa_jax.errors import ArtifactError, ConfigError, DataError
 from lasa_jax.infra import fileio, fitcheck, multihost
-from lasa_jax.infra.fileio import digest, read_json
+from lasa_jax.infra.fileio import cached_array, digest, read_json
 from lasa_jax.infra.mesh import mesh_from_config
 from lasa_jax.model.checkpoint import weights_digest
 from lasa_jax.model.config import from_hf_config
+from lasa_jax.model.features import extract_features
+from lasa_jax.model.lengths import PromptBound, limit_for
 from lasa_jax.model.lm import LanguageModel, load_model
 from lasa_jax.model.tiny import make_tiny_checkpoint
 
 log = logging.getLogger("lasa_jax")
+
 
 def resolve_data_path(path: str, model_path: str = "", field: str = "config.data") -> str:
     """One data file, local or a URL: ``fixtures:NAME`` names a file shipped in
@@ -73,12 +76,40 @@ class Context:
 
     def feature_cache_key(self, lm: LanguageModel, texts, layers) -> dict:
         """Everything a cached feature array depends on: weights, the prompt texts (in order; read
-        from any number of files or datasets), layers, the feature convention and the chat
-        template's settings."""
+        from any number of files or datasets), layers, the feature convention, the chat
+        template's settings and the prompt length limit."""
         return {"model_fingerprint": lm.fingerprint, "weights": weights_digest(lm.path),
                 "prompts": digest(list(texts)), "languages": self.languages,
                 "layers": list(layers), "enable_thinking": bool(self.config.model.enable_thinking),
-                "feature_text": self.config.data.feature_text, "dtype": str(np.dtype(lm.dtype))}
+                "feature_text": self.config.data.feature_text, "dtype": str(np.dtype(lm.dtype)),
+                "prompt_limit": self.prompt_bound(lm).limit}
+    def prompt_bound(self, lm: LanguageModel, origins=None, *, reserve: int = 0, limit: int = 0) -> PromptBound:
+        """The length bound of a tokenising path: the model's context less ``reserve`` (a reply's
+        new tokens), and at most ``config.data.max_prompt_tokens`` and the path's own ``limit``
+        (each when > 0). ``origins``: prompt text -> (file, record), for reports and errors."""
+        configured = [int(x) for x in (self.config.data.max_prompt_tokens, limit) if int(x) > 0]
+        return PromptBound(limit_for(lm.cfg.max_position_embeddings, min(configured, default=0), reserve),
+                           origins)
+
+    def features(self, lm: LanguageModel, texts, layers, origins, *, batch_size: int,
+                 extra_key: dict | None = None) -> tuple[np.ndarray, dict]:
+        """(features, prompt-length report) of ``texts``, through the feature cache when
+        ``config.bottleneck.cache``. ``origins``: prompt text -> (file, record)."""
+        c = self.config
+        bound = self.prompt_bound(lm, origins)
+        chat = c.data.feature_text == "chat"
+        key = {**self.feature_cache_key(lm, texts, layers), **(extra_key or {})}
+        computed = []
+
+        def compute():
+            computed.append(True)
+            return extract_features(lm, texts, layers, batch_size=batch_size, chat_template=chat,
+                                    bound=bound, progress=c.progress)
+
+        feats = cached_array(self.cache_dir if c.bottleneck.cache else None, key, compute)
+        if not computed:  # read from the cache: count the cut prompts all the same (tokens only)
+            lm.token_ids(texts, chat_template=chat, bound=bound)
+        return feats, bound.report()
 
     def bottleneck_layer(self, override: int, field: str) -> int:
         """``override`` when it is >= 0 (checked against the model by the caller), else k* from

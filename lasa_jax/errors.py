@@ -61,3 +61,12 @@ class FitError(LasaError, RuntimeError):
 
 class NonFiniteLoss(LasaError, FloatingPointError):
     """Training produced a non-finite loss or parameters; the message names the last good checkpoint."""
+
+
+class WorkdirError(LasaError, RuntimeError):
+    """The workdir, or a path a run must write, cannot be written (permissions, read-only or full
+    file system)."""
+
+
+class WorkdirLocked(WorkdirError):
+    """Another run holds the workdir's lock; the message names its host and process."""

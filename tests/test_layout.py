@@ -1,5 +1,5 @@
 """The package's shape: no import cycle (imports inside functions count), dependencies point one way
-(errors -> config -> infra -> model -> data -> method -> stages -> runner -> CLI), no module over
+(errors -> config -> infra -> model -> data -> method -> stages -> preflight, runner -> CLI), no module over
 800 lines, the refusal prefix written once, and the mesh rules cover every parameter the model
 declares. Static checks on the source; no tolerance involved."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ PKG = os.path.join(ROOT, "lasa_jax")
 # The toy world is a client of the library (its driver runs the pipeline, its judge is a method),
 # so it takes part in the cycle check but not in the layering.
 LAYERS = {"errors": 0, "config": 1, "infra": 2, "model": 3, "data": 4, "method": 5, "presets": 6,
-          "context": 6, "stages": 7, "runner": 8, "main": 9, "__main__": 9, "__init__": 9}
+          "context": 6, "stages": 7, "preflight": 8, "runner": 8, "main": 9, "__main__": 9, "__init__": 9}
 
 
 def _modules() -> dict[str, str]:

@@ -18,8 +18,7 @@ from lasa_jax.model.features import extract_features
 from lasa_jax.model.lm import load_model
 from lasa_jax.model.tiny import make_tiny_checkpoint
 from lasa_jax.runner import run
-from lasa_jax.stages import bottleneck as bottleneck_stage
-from lasa_jax.stages import ssi as ssi_stage
+from lasa_jax import context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
@@ -126,8 +125,7 @@ def test_bottleneck_then_ssi_end_to_end(tiny, texts, tmp_path, monkeypatch):
     # is extracted again, and the outputs are the same.
     def no_extraction(*args, **kw):
         raise AssertionError("features were extracted again instead of read from the cache")
-    monkeypatch.setattr(bottleneck_stage, "extract_features", no_extraction)
-    monkeypatch.setattr(ssi_stage, "extract_features", no_extraction)
+    monkeypatch.setattr(context, "extract_features", no_extraction)  # both stages read features there
     run(config)
     again = json.loads((out / "bottleneck" / "report.json").read_text())
     assert again["layers"] == report["layers"]
@@ -149,7 +147,7 @@ def test_ssi_layer_out_of_range_is_one_line(tiny, tmp_path):
     config = _config(tmp_path / "run", tiny, ssi__layer=7)
     config.unlock()
     config.stages = "ssi"
-    with pytest.raises(ValueError, match=r"layer\(s\) \[7\] out of range: this model has layers 0..3"):
+    with pytest.raises(ValueError, match=r"^config\.ssi\.layer=7: out of range; this model has layers 0\.\.3"):
         run(config)
 
 

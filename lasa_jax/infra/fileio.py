@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -336,7 +337,18 @@ def cached_array(cache_dir: PathLike | None, key_parts: dict, compute: Callable[
         return compute()
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     path = as_path(cache_dir) / f"features-{key}.npy"
-    if multihost.broadcast(path.exists() if multihost.is_primary() else None):
+
+    def readable() -> bool:
+        if not path.exists():
+            return False
+        try:
+            load_arrays(path)
+            return True
+        except (ValueError, OSError, EOFError) as e:  # damaged after it was written: recompute
+            logging.getLogger("lasa_jax").warning("%s: unreadable cache entry (%s); recomputing it", path, e)
+            return False
+
+    if multihost.broadcast(readable() if multihost.is_primary() else None):
         return load_arrays(path)
     value = compute()
     if multihost.is_primary():

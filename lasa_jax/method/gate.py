@@ -33,6 +33,7 @@ import numpy as np
 from lasa_jax.method.probe import SSIArtifact, load_artifact
 from lasa_jax.model.features import FEATURE_KINDS, extract_features
 from lasa_jax.model.generate import eos_ids_of, generate
+from lasa_jax.model.lengths import PromptBound, limit_for, template_tail
 from lasa_jax.model.lm import LanguageModel, chat_text
 
 REFUSAL_PREFIX = (
@@ -64,17 +65,22 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     return None, text
 
 
-def prompt_ids(lm: LanguageModel, prompts: Sequence[str], flags: Sequence[bool]) -> list[list[int]]:
+def prompt_ids(lm: LanguageModel, prompts: Sequence[str], flags: Sequence[bool],
+               bound: PromptBound | None = None) -> list[list[int]]:
     """Token ids the model continues: chat template with generation prompt, plus the refusal
     prefix and its separator where flagged. Tokenised without added special tokens, since the
-    template writes them (as in training's ``encode_item``)."""
+    template writes them (as in training's ``encode_item``). ``bound`` cuts a long prompt from
+    the left, never into the template's tail or the prefix."""
     if len(prompts) != len(flags):
         raise ValueError(f"prompt_ids: {len(prompts)} prompts but {len(flags)} flags")
     if lm.tokenizer is None:
         raise ValueError("prompt_ids: this model was loaded without a tokenizer")
     texts = [assistant_prefix_text(lm.tokenizer, p, REFUSAL_PREFIX if f else None, **lm.chat_template_kwargs)
              for p, f in zip(prompts, flags)]
-    return [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if bound is None:
+        return ids
+    return bound.apply(prompts, ids, lambda i: template_tail(lm.tokenizer, texts[i], prompts[i]))
 
 
 def load_for_model(lm: LanguageModel, directory: str) -> SSIArtifact:
@@ -85,7 +91,7 @@ def load_for_model(lm: LanguageModel, directory: str) -> SSIArtifact:
 
 
 def score_prompts(lm: LanguageModel, artifact: SSIArtifact, prompts: Sequence[str], batch_size: int = 16,
-                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                  progress: bool = False, bound: PromptBound | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(probs, verdicts) for raw prompts: ``lm``'s feature read the way the artifact was trained
     (raw or chat-templated text, at its layer) through the shared feature function; verdict =
     p > threshold. Batching and padding side do not change the scores."""
@@ -93,36 +99,42 @@ def score_prompts(lm: LanguageModel, artifact: SSIArtifact, prompts: Sequence[st
         return np.zeros(0), np.zeros(0, bool)
     feats = extract_features(lm, list(prompts), [artifact.layer], batch_size=batch_size,
                              chat_template=artifact.meta["feature"] == FEATURE_KINDS["chat"],
-                             progress=progress)[0]
+                             bound=bound, progress=progress)[0]
     probs = artifact.probs(feats)
     return probs, probs > artifact.threshold
 
 
 def ssi_verdicts(lm: LanguageModel, prompts: Sequence[str], artifact: SSIArtifact, *, batch_size: int = 16,
-                 progress: bool = False) -> dict[str, bool]:
+                 progress: bool = False, bound: PromptBound | None = None) -> dict[str, bool]:
     """The SSI's verdict on each distinct prompt under ``lm`` (the base model, for stage 3's
     ``z_mode = "ssi"``), read exactly as inference reads it."""
     unique = sorted(set(prompts))
-    _, verdicts = score_prompts(lm, artifact, unique, batch_size, progress)
+    _, verdicts = score_prompts(lm, artifact, unique, batch_size, progress, bound)
     return dict(zip(unique, (bool(v) for v in verdicts)))
 
 
 def respond(lm: LanguageModel, prompts: Sequence[str], languages: Sequence[str], artifact=None, *,
             max_new_tokens: int = 512, batch_size: int = 16, temperature: float = 0.0,
             top_p: float = 1.0, key: jax.Array | None = None, eos_ids: Sequence[int] | None = None,
+            bound: PromptBound | None = None, feature_bound: PromptBound | None = None,
             progress: bool = True) -> list[dict[str, Any]]:
     """One record per prompt: ``prompt, language, response, reasoning, ssi_prob, ssi_flagged,
     prefix_used, n_new_tokens, stop`` ("eos" or "length"). Without an artifact the SSI fields
     are None and no prefix is used. ``response`` excludes the prefix and any reasoning block
-    (``reasoning``, None when there is none; see the module docstring)."""
+    (``reasoning``, None when there is none; see the module docstring).
+
+    ``bound`` limits the prompts a reply continues (default: the model's context less
+    ``max_new_tokens``), ``feature_bound`` the prompts the SSI reads (default: the context)."""
     if len(prompts) != len(languages):
         raise ValueError(f"respond: {len(prompts)} prompts but {len(languages)} languages")
+    if bound is None:
+        bound = PromptBound(limit_for(lm.cfg.max_position_embeddings, reserve=max_new_tokens))
     if artifact is not None:
-        probs, flags = score_prompts(lm, artifact, prompts, batch_size, progress)
+        probs, flags = score_prompts(lm, artifact, prompts, batch_size, progress, feature_bound)
     else:
         probs, flags = [None] * len(prompts), [False] * len(prompts)
     eos = list(eos_ids_of(lm) if eos_ids is None else eos_ids)
-    ids = generate(lm, prompt_ids(lm, prompts, flags), max_new_tokens=max_new_tokens,
+    ids = generate(lm, prompt_ids(lm, prompts, flags, bound), max_new_tokens=max_new_tokens,
                    temperature=temperature, top_p=top_p, key=key, eos_ids=eos,
                    batch_size=batch_size, progress=progress)
     texts = lm.tokenizer.batch_decode(ids, skip_special_tokens=True)

@@ -171,7 +171,8 @@ def encode_item(
 
     Truncation: the prompt part (everything before the first loss token) keeps its last
     `max_prompt_length` tokens; then the sequence keeps its first `max_length` tokens, which cuts
-    the completion (and its eos) from the right.
+    the completion (and its eos) from the right. ``prompt_tokens`` is the prompt part's length
+    before cutting.
     """
     if tokenizer.eos_token is None:
         raise ValueError("encode_item: tokenizer has no eos_token")
@@ -184,7 +185,7 @@ def encode_item(
     n_prompt = mask.index(1)
     cut = max(0, n_prompt - max_prompt_length)
     ids, mask = ids[cut:][:max_length], mask[cut:][:max_length]
-    return {"input_ids": ids, "loss_mask": mask}
+    return {"input_ids": ids, "loss_mask": mask, "prompt_tokens": n_prompt}
 
 
 def kl_pairs(batch_items: Sequence[KTOItem]) -> list[KTOItem]:
@@ -261,6 +262,9 @@ class KTOBatches:
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
         self.template_kwargs = dict(chat_template_kwargs or {})
         self.encoded = [self._encode(it) for it in self.items]
+        # Items whose prompt part was cut: text -> its length in tokens before cutting.
+        self.truncated = {it.prompt: e["prompt_tokens"] for it, e in zip(self.items, self.encoded)
+                          if e["prompt_tokens"] > max_prompt_length}
         prompt_len = max(e["loss_mask"].index(1) for e in self.encoded)
         completion_len = max(len(e["loss_mask"]) - e["loss_mask"].index(1) for e in self.encoded)
         longest = max(len(e["input_ids"]) for e in self.encoded)
@@ -299,8 +303,7 @@ class KTOBatches:
         return order[(k * self.batch_size + np.arange(self.batch_size)) % len(self.items)]
 
     def _collate(self, encoded) -> dict[str, np.ndarray]:
-        encoded = [e if len(e["input_ids"]) <= self.length else
-                   {k: v[:self.length] for k, v in e.items()} for e in encoded]
+        encoded = [{k: e[k][:self.length] for k in ("input_ids", "loss_mask")} for e in encoded]
         out = collate(encoded, self.pad_id, pad_to=self.length)
         out.pop("positions")  # the model derives the same positions from the mask
         return out
@@ -330,7 +333,7 @@ class AlignBatches:
     each) per step, queries drawn in a per-pass shuffled order that is a function of the step."""
 
     def __init__(self, lm, queries, *, queries_per_step: int, seed: int, chat_template: bool = False,
-                 batch_multiple: int = 1):
+                 batch_multiple: int = 1, bound=None):
         if len(queries) < 1 or queries_per_step < 1:
             raise ConfigError("config.align.align_batch_queries: the alignment term needs parallel queries "
                               "and align_batch_queries >= 1")
@@ -342,7 +345,7 @@ class AlignBatches:
             for text in query.texts.values():
                 self.rows[qi].append(len(texts))
                 texts.append(text)
-        self.tokens, self.mask = lm.encode(texts, chat_template=chat_template, batch_multiple=1)
+        self.tokens, self.mask = lm.encode(texts, chat_template=chat_template, batch_multiple=1, bound=bound)
         per_step = sum(sorted(len(r) for r in self.rows)[-self.q:])
         self.width = round_up(per_step, batch_multiple)
 

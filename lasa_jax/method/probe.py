@@ -479,8 +479,10 @@ def load_artifact(directory: str, *, model_fingerprint: str | None = None,
             raise SSIError(f"{path}: missing SSI artifact file")
     try:
         meta = json.loads(fileio.read_text(meta_path))
-    except json.JSONDecodeError as e:
-        raise SSIError(f"{meta_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SSIError(f"{meta_path}: not valid JSON ({e}); rerun the ssi stage") from None
+    if not isinstance(meta, dict):
+        raise SSIError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     missing = [k for k in _META_FIELDS if k not in meta]
     if missing:
         raise SSIError(f"{meta_path}: missing field(s) {', '.join(missing)}")
@@ -495,7 +497,11 @@ def load_artifact(directory: str, *, model_fingerprint: str | None = None,
                        f"hidden size is {hidden_size}")
     if num_layers is not None and not 0 <= int(meta["layer"]) <= num_layers:
         raise SSIError(f"{meta_path}: layer {meta['layer']} out of range 0..{num_layers}")
-    flat = load(fileio.read_bytes(weights_path))
+    try:
+        flat = load(fileio.read_bytes(weights_path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise SSIError(f"{weights_path}: not a readable safetensors file ({' '.join(str(e).split())}); "
+                       "rerun the ssi stage") from None
     d, h = int(meta["hidden_size"]), int(meta["probe_hidden"])
     expected = {"hidden.kernel": (d, h), "hidden.bias": (h,), "norm.scale": (h,), "norm.bias": (h,),
                 "out.kernel": (h, 1), "out.bias": (1,)}

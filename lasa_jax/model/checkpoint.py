@@ -202,16 +202,11 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {path: shape for path, (shape, _) in param_specs(cfg).items()}
 
 
-def load_params(path: str, cfg: ModelConfig, *, dtype: Any = jnp.float32,
-                shardings: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None) -> dict:
-    """Load ``path``'s safetensors into our stacked param tree.
-
-    ``shardings(param_path, shape)`` gives each parameter's sharding (default: the first device).
-    Every problem (missing, unexpected, mis-shaped tensors) is collected into one error.
-    """
+def check_checkpoint(path: str, cfg: ModelConfig) -> SafetensorsIndex:
+    """The index of ``path``'s safetensors files (headers only, no tensor data), checked against
+    ``cfg``: missing, unexpected and mis-shaped tensors are reported together in one error."""
     index = SafetensorsIndex(path)
-    shapes = param_shapes(cfg)
-    expected = expected_tensors(cfg, shapes)
+    expected = expected_tensors(cfg, param_shapes(cfg))
     problems = []
     missing = sorted(n for n in expected if n not in index.file_of)
     if missing:
@@ -226,7 +221,18 @@ def load_params(path: str, cfg: ModelConfig, *, dtype: Any = jnp.float32,
             problems.append(f"{name}: dtype {index.dtype[name]} is not supported")
     if problems:
         raise CheckpointError(f"{path}: checkpoint does not match config.json: " + "; ".join(problems))
+    return index
 
+
+def load_params(path: str, cfg: ModelConfig, *, dtype: Any = jnp.float32,
+                shardings: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None) -> dict:
+    """Load ``path``'s safetensors into our stacked param tree.
+
+    ``shardings(param_path, shape)`` gives each parameter's sharding (default: the first device).
+    Every problem (missing, unexpected, mis-shaped tensors) is collected into one error.
+    """
+    index = check_checkpoint(path, cfg)
+    shapes = param_shapes(cfg)
     np_dtype = np.dtype(dtype)
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     flat = {}

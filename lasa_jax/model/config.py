@@ -127,6 +127,12 @@ def from_hf_dict(raw: dict[str, Any], where: str = "config.json") -> ModelConfig
         raise ConfigError(f"{where}: field 'architectures'={archs!r} is not supported "
                           f"(supported: {sorted(ARCHITECTURES)})")
     family = ARCHITECTURES[archs[0]]
+    # transformers builds the model from model_type, not architectures: a mismatch means the
+    # file describes two different models, and which one a reader gets depends on the reader.
+    model_type = raw.get("model_type", _HF_MODEL_TYPE[family])
+    if model_type != _HF_MODEL_TYPE[family]:
+        raise ConfigError(f"{where}: field 'model_type'={model_type!r} does not match 'architectures'="
+                          f"{archs!r} (expected model_type {_HF_MODEL_TYPE[family]!r})")
 
     # Settings that would change the computation and that we do not implement.
     if raw.get("hidden_act", "silu") != "silu":

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from lasa_jax.infra.mesh import batch_multiple
 from lasa_jax.infra.multihost import show_progress, to_host
+from lasa_jax.model.lengths import PromptBound
 from lasa_jax.model.lm import LanguageModel, pad_batch, round_up
 
 # config.data.feature_text -> the name an SSI artifact records for the convention it was trained on.
@@ -20,15 +21,20 @@ FEATURE_KINDS = {"raw": "last_real_token_raw_prompt", "chat": "last_real_token_c
 
 def extract_features(lm: LanguageModel, texts: Sequence[str], layers: Sequence[int] | None = None, *,
                      batch_size: int = 16, chat_template: bool = False, padding_side: str = "right",
-                     max_length: int | None = None, progress: bool = True) -> np.ndarray:
+                     max_length: int | None = None, bound: PromptBound | None = None,
+                     progress: bool = True) -> np.ndarray:
     """(len(layers), N, d) float32 features in the order of ``texts``.
 
     Prompts are sorted by token length so each batch carries little padding; one jitted pass
-    per batch computes every requested layer at once."""
+    per batch computes every requested layer at once. Each prompt keeps at most ``bound.limit``
+    tokens (its end; ``bound`` counts what it cut), by default the model's
+    ``max_position_embeddings``."""
     layers = lm.check_layers(layers)
     if not texts:
         return np.zeros((len(layers), 0, lm.cfg.hidden_size), np.float32)
-    ids = lm.token_ids(texts, chat_template=chat_template, max_length=max_length)
+    if bound is None:
+        bound = PromptBound(lm.cfg.max_position_embeddings)
+    ids = lm.token_ids(texts, chat_template=chat_template, max_length=max_length, bound=bound)
     order = np.argsort([len(x) for x in ids], kind="stable")
     out = np.zeros((len(layers), len(texts), lm.cfg.hidden_size), np.float32)
     rows = _batch_rows(lm, batch_size)

@@ -160,6 +160,10 @@ def generate(lm: LanguageModel, prompt_ids: Sequence[Sequence[int]], *, max_new_
     for i, p in enumerate(prompt_ids):
         if not p:
             raise ValueError(f"generate: prompt {i} has no tokens")
+        if len(p) + max_new_tokens > lm.cfg.max_position_embeddings:
+            raise ValueError(f"generate: prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
+                             f"exceeds the model's max_position_embeddings={lm.cfg.max_position_embeddings} "
+                             "(cut prompts with lasa_jax.model.lengths.PromptBound)")
         bad = [t for t in p if not 0 <= t < lm.cfg.vocab_size]
         if bad:
             raise ValueError(f"generate: prompt {i} has token id {bad[0]} outside the vocabulary "

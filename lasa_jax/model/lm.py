@@ -22,6 +22,7 @@ from lasa_jax.infra import fileio
 from lasa_jax.infra import mesh as shd
 from lasa_jax.model import checkpoint as ckpt
 from lasa_jax.model.config import ModelConfig, check_expected, from_hf_config
+from lasa_jax.model.lengths import PromptBound, template_tail
 from lasa_jax.model.transformer import Transformer, param_specs
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -145,28 +146,34 @@ class LanguageModel:
     # ---------------------------------------------------------------- tokenising
     def encode(self, texts: Sequence[str], *, padding_side: str = "right", chat_template: bool = False,
                pad_to_multiple: int | None = None, batch_multiple: int | None = None,
-               max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               max_length: int | None = None, bound: PromptBound | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Tokenise raw prompts (the tokenizer's own special tokens kept, e.g. LLaMA's BOS) or
         chat-templated prompts. Lengths are padded to a power-of-two bucket (or a multiple of
         ``pad_to_multiple``) so that jit compiles only a handful of shapes."""
-        ids = self.token_ids(texts, chat_template=chat_template, max_length=max_length)
+        ids = self.token_ids(texts, chat_template=chat_template, max_length=max_length, bound=bound)
         return pad_batch(ids, self.pad_id, padding_side=padding_side, pad_to_multiple=pad_to_multiple,
                          batch_multiple=batch_multiple or (shd.batch_multiple(self.mesh) if self.mesh else 1))
 
     def token_ids(self, texts: Sequence[str], *, chat_template: bool = False,
-                  add_special_tokens: bool = True, max_length: int | None = None) -> list[list[int]]:
+                  add_special_tokens: bool = True, max_length: int | None = None,
+                  bound: PromptBound | None = None) -> list[list[int]]:
         """Token ids of raw prompts (with the tokenizer's own special tokens unless
         ``add_special_tokens=False``, e.g. for text a chat template already wrote) or of
-        chat-templated prompts; ``max_length`` keeps each prompt's end, because the last token
-        is what a feature reads."""
+        chat-templated prompts; ``max_length`` or ``bound`` (which also counts what it cuts and
+        protects the template's tail) keep each prompt's end, because the last token is what a
+        feature reads."""
         if self.tokenizer is None:
             raise ValueError("this model was loaded without a tokenizer")
+        raw = list(texts)
         if chat_template:
             # The template writes the special tokens itself (e.g. LLaMA's BOS).
-            texts = [chat_text(self.tokenizer, [("user", t)], **self.chat_template_kwargs) for t in texts]
+            texts = [chat_text(self.tokenizer, [("user", t)], **self.chat_template_kwargs) for t in raw]
             ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         else:
-            ids = [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+            ids = [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in raw]
+        if bound is not None:
+            tail = (lambda i: template_tail(self.tokenizer, texts[i], raw[i])) if chat_template else None
+            ids = bound.apply(raw, ids, tail)
         return ids if max_length is None else [x[-max_length:] for x in ids]
 
     @property

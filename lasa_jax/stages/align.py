@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from lasa_jax.data import inputs
-from lasa_jax.errors import ConfigError, NonFiniteLoss
+from lasa_jax.errors import ArtifactError, ConfigError, NonFiniteLoss
 from lasa_jax.infra import checkpoints, fileio, multihost
 from lasa_jax.infra.fileio import atomic_write_text, digest
 from lasa_jax.infra.mesh import batch_multiple
@@ -89,7 +89,9 @@ def cached_reference(trainer: Trainer, ref_params, data: KTOBatches, out_dir: st
 
 
 class _MetricsLog:
-    """metrics.jsonl (+ TensorBoard) on process 0; a resumed run drops lines past its step. In a
+    """metrics.jsonl (+ TensorBoard) on process 0. A resumed run first cuts the file back to one
+    row per step up to its start step (the last row of a step wins; a line torn by a kill is
+    dropped), rewritten atomically, so the log of a resumed run has exactly one row per step. In a
     local folder each row is appended as it comes; in a bucket, where an object cannot be
     appended to, the file is rewritten whole at every checkpoint and at the end."""
 
@@ -101,9 +103,16 @@ class _MetricsLog:
         self.writer = None
         if not self.primary:
             return
+        rows: dict[int, str] = {}
         if fileio.exists(self.path):
-            self.lines = [line + "\n" for line in fileio.read_text(self.path).splitlines()
-                          if line.strip() and json.loads(line)["step"] <= start_step]
+            for line in fileio.read_text(self.path).splitlines():
+                try:
+                    step = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if isinstance(step, int) and step <= start_step:
+                    rows[step] = line + "\n"
+        self.lines = [rows[k] for k in sorted(rows)]
         atomic_write_text(self.path, "".join(self.lines))
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -182,18 +191,25 @@ def train(ctx, stage: str = "align") -> dict:
         raise ConfigError(f"config.align.reference must be 'precomputed' or 'per_step', got {a.reference!r}")
     out_dir = ctx.stage_dir(stage)
     pairs = inputs.kto_data(c)
+    pairs_path = c.data.kto_pairs
     ctx.release_base()  # the feature stages' copy; this stage loads (and trains) its own
     lm = ctx.load(stage="align")
+    origins = {}
+    for p in pairs:
+        origins.setdefault(p.prompt, (pairs_path, f"idx {p.idx}" + (f" ({p.language})" if p.language else "")))
     verdicts = None
     if a.z_mode == "ssi":
         artifact = load_for_model(lm, os.path.join(ctx.workdir, "ssi"))
-        verdicts = ssi_verdicts(lm, [p.prompt for p in pairs], artifact,
-                                batch_size=c.ssi.batch_size_features, progress=c.progress)
+        verdicts = ssi_verdicts(lm, [p.prompt for p in pairs], artifact, batch_size=c.ssi.batch_size_features,
+                                progress=c.progress, bound=ctx.prompt_bound(lm, origins))
     items = make_items(pairs, a, seed=c.seed, verdicts=verdicts)
+    prompt_bound = ctx.prompt_bound(lm, origins, limit=a.max_prompt_length)
     data = KTOBatches(items, lm.tokenizer, batch_size=a.batch_size, grad_accum=a.grad_accum, seed=c.seed,
                       epochs=a.epochs, max_steps=a.max_steps, max_length=a.max_length,
-                      max_prompt_length=a.max_prompt_length, pad_id=lm.pad_id,
+                      max_prompt_length=prompt_bound.limit, pad_id=lm.pad_id,
                       chat_template_kwargs=lm.chat_template_kwargs)
+    for text, n in data.truncated.items():
+        prompt_bound.note(text, n)
     bm = batch_multiple(lm.mesh)
     if (a.batch_size // a.grad_accum) % bm:
         raise ConfigError(f"config.align: batch_size / grad_accum = {a.batch_size // a.grad_accum} items per "
@@ -204,39 +220,36 @@ def train(ctx, stage: str = "align") -> dict:
         lm.check_layers([layer], "config.align.align_layer")
         queries = inputs.parallel_prompts(c)
         align_data = AlignBatches(lm, queries, queries_per_step=a.align_batch_queries,
-                                  seed=c.seed, chat_template=c.data.feature_text == "chat", batch_multiple=bm)
+                                  seed=c.seed, chat_template=c.data.feature_text == "chat", batch_multiple=bm,
+                                  bound=ctx.prompt_bound(lm, limit=a.max_prompt_length))
     total = data.total_steps
     trainer = Trainer(lm, a, total_steps=total, per_step_reference=a.reference == "per_step",
                       lambda_align=a.lambda_align, align_layer=layer)
     base_params = lm.params
     lm = lm.with_params(None)  # its buffers become the policy's, which every step donates
-    model_key = digest(weights_digest(lm.path), str(lm.param_dtype), str(lm.dtype))
-    ref_path = None
-    if a.reference == "precomputed":
-        ref_path = cached_reference(trainer, base_params, data, out_dir, model_key, progress=c.progress)
-
+    model_key = _model_key(lm)
     run_key = {"data": data.key, "model": model_key, "total_steps": total, "lambda_align": float(a.lambda_align),
                "align_layer": layer}
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     mngr = checkpoints.manager(ckpt_dir, keep=a.keep_checkpoints, async_save=a.async_checkpoints)
-    params, opt_state = base_params, None
-    start = 0
-    latest = multihost.on_primary(mngr.latest_step)  # all processes resume from the same step
-    if latest is None:
-        opt_state = trainer.init_opt_state(params)
+    newest = checkpoints.newest_meta(mngr)
+    if newest is not None:  # before the reference pass: checkpoints of another run stop us now
+        _check_run_key(ckpt_dir, *newest, run_key)
+    ref_path = None
+    if a.reference == "precomputed":
+        ref_path = cached_reference(trainer, base_params, data, out_dir, model_key, progress=c.progress)
+
+    start, latest = 0, None
+    abstract = _abstract_state(trainer, base_params)
+    if mngr.all_steps() and a.reference == "precomputed":
+        base_params = None  # a resumed run needs only the restored copy: free the base one first
+    # The newest step that restores; an unreadable newer one is reported and moved aside.
+    restored = checkpoints.restore_latest(mngr, abstract, what=f"{stage} checkpoint")
+    if restored is None:
+        params, opt_state = base_params, trainer.init_opt_state(base_params)
     else:
-        as_abstract = lambda tree, shardings: jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-        abstract = {"params": as_abstract(params, trainer.param_shardings),
-                    "opt_state": as_abstract(jax.eval_shape(trainer.tx.init, params), trainer.opt_shardings),
-                    "step": np.zeros((), np.int64)}
-        if a.reference == "precomputed":
-            del params  # the base weights are no longer needed: free them before restoring
-        state, meta = checkpoints.restore(mngr, latest, abstract)
-        differs = sorted(k for k in run_key if meta.get("run_key", {}).get(k) != run_key[k])
-        if differs:
-            raise ConfigError(f"{ckpt_dir}: checkpoint step {latest} belongs to a different run "
-                              f"(differs in {', '.join(differs)}); use a fresh workdir or delete the checkpoints")
+        latest, state, meta = restored
+        _check_run_key(ckpt_dir, latest, meta, run_key)
         params, opt_state = state["params"], state["opt_state"]
         start = int(state["step"])
         log.info("%s: resuming from step %d of %d (%s)", stage, start, total, ckpt_dir)
@@ -300,10 +313,86 @@ def train(ctx, stage: str = "align") -> dict:
         lm.with_params(params).save(hf_dir, dtype=a.export_dtype or lm.param_dtype)
     summary = {"steps": total, "resumed_from": start, "final_loss": last_row.get("loss"),
                "final_margin": last_row.get("rewards/margins"), "checkpoints": ckpt_dir,
-               "metrics": metrics_log.path, "reference": ref_path, "hf": hf_dir, "num_items": len(items)}
+               "metrics": metrics_log.path, "reference": ref_path, "hf": hf_dir, "num_items": len(items),
+               "prompt_lengths": prompt_bound.report()}
     if multihost.is_primary():
         atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
     return summary
+
+
+def _model_key(lm) -> str:
+    return digest(weights_digest(lm.path), str(lm.param_dtype), str(lm.dtype))
+
+
+def _abstract_state(trainer: Trainer, params) -> dict:
+    """The checkpointed state's shapes, dtypes and shardings (what Orbax restores into)."""
+    as_abstract = lambda tree, shardings: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return {"params": as_abstract(params, trainer.param_shardings),
+            "opt_state": as_abstract(jax.eval_shape(trainer.tx.init, params), trainer.opt_shardings),
+            "step": np.zeros((), np.int64)}
+
+
+def export_status(ctx, stage: str = "align") -> str | None:
+    """What ``WORKDIR/<stage>`` offers the evaluate stage: "hf" (an export), "checkpoint" (a run
+    that trained to its last step but has no export: ``align.export=False``, or killed while
+    exporting) or None (neither). A run that stopped before its last step is an ``ArtifactError``:
+    evaluating it would silently evaluate a half-trained model. Reads only small metadata."""
+    out_dir = os.path.join(ctx.workdir, stage)
+    hf_dir, ckpt_dir = os.path.join(out_dir, "hf"), os.path.join(out_dir, "checkpoints")
+    if fileio.exists(os.path.join(hf_dir, "config.json")):
+        return "hf"
+    if not fileio.as_path(ckpt_dir).is_dir():
+        return None
+    mngr = checkpoints.manager(ckpt_dir, keep=ctx.config.align.keep_checkpoints, async_save=False)
+    try:
+        if not mngr.all_steps():
+            return None
+        newest = checkpoints.newest_meta(mngr)
+    finally:
+        mngr.close()
+    total = ((newest or (0, {}))[1].get("run_key") or {}).get("total_steps")
+    if newest is None or newest[0] != total:
+        where = "no readable step" if newest is None else f"step {newest[0]} of {total}"
+        raise ArtifactError(f"{hf_dir}: not found, and {ckpt_dir} holds {where}: the {stage} stage did not "
+                            f"finish; rerun it (--config.stages={stage},evaluate)")
+    return "checkpoint"
+
+
+def finished_export(ctx, stage: str = "align") -> str | None:
+    """``WORKDIR/<stage>/hf`` for the evaluate stage, exported now from the final checkpoint when
+    only that exists (``export_status``); None when the stage left neither."""
+    status = export_status(ctx, stage)
+    out_dir = os.path.join(ctx.workdir, stage)
+    hf_dir, ckpt_dir = os.path.join(out_dir, "hf"), os.path.join(out_dir, "checkpoints")
+    if status != "checkpoint":
+        return hf_dir if status == "hf" else None
+    a = ctx.config.align if stage == "align" else baseline_align_config(ctx.config.align)
+    mngr = checkpoints.manager(ckpt_dir, keep=a.keep_checkpoints, async_save=False)
+    step, meta = checkpoints.newest_meta(mngr)
+    ctx.release_base()
+    lm = ctx.load(stage="align")
+    if meta["run_key"].get("model") != _model_key(lm):
+        raise ArtifactError(f"{ckpt_dir}: step {step} was trained from another base model than "
+                            f"{lm.path}; rerun the {stage} stage")
+    trainer = Trainer(lm, a, total_steps=step, per_step_reference=False)
+    abstract = _abstract_state(trainer, lm.params)
+    lm = lm.with_params(None)  # free the base weights before the trained ones arrive
+    restored, state, _ = checkpoints.restore_latest(mngr, abstract, what=f"{stage} checkpoint")
+    mngr.close()
+    if restored != step:  # the final step did not restore and an earlier one did
+        raise ArtifactError(f"{hf_dir}: not found, and the final step of {ckpt_dir} does not restore; rerun the "
+                            f"{stage} stage (it resumes from step {restored})")
+    log.warning("%s: %s missing; exporting it from the final checkpoint (step %d)", stage, hf_dir, step)
+    lm.with_params(state["params"]).save(hf_dir, dtype=a.export_dtype or lm.param_dtype)
+    return hf_dir
+
+
+def _check_run_key(ckpt_dir: str, step: int, meta: dict, run_key: dict) -> None:
+    differs = sorted(k for k in run_key if (meta.get("run_key") or {}).get(k) != run_key[k])
+    if differs:
+        raise ConfigError(f"{ckpt_dir}: checkpoint step {step} belongs to a different run "
+                          f"(differs in {', '.join(differs)}); use a fresh workdir or delete the checkpoints")
 
 
 def _after_checkpoint(step: int, mngr) -> None:

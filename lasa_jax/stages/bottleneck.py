@@ -15,9 +15,8 @@ import numpy as np
 
 from lasa_jax.data import inputs
 from lasa_jax.infra import multihost
-from lasa_jax.infra.fileio import atomic_write_text, cached_array
+from lasa_jax.infra.fileio import atomic_write_text
 from lasa_jax.method import figures, silhouette
-from lasa_jax.model.features import extract_features
 
 log = logging.getLogger("lasa_jax")
 
@@ -27,26 +26,27 @@ def run(ctx) -> dict:
     queries = inputs.parallel_prompts(c)
     if c.bottleneck.max_queries:
         queries = queries[:c.bottleneck.max_queries]
-    texts, qids, langs = [], [], []
+    texts, qids, langs, origins = [], [], [], {}
     for q in queries:
         for lang, text in q.texts.items():
             texts.append(text), qids.append(q.qid), langs.append(lang)
+            origins.setdefault(text, (c.data.parallel_prompts, f"id {q.qid} ({lang})"))
     lm = ctx.base
     layers = list(range(lm.cfg.num_layers + 1))
-    key = {**ctx.feature_cache_key(lm, texts, layers), "max_queries": c.bottleneck.max_queries}
-    feats = cached_array(ctx.cache_dir if c.bottleneck.cache else None, key,
-                         lambda: extract_features(lm, texts, layers, batch_size=c.bottleneck.batch_size,
-                                                  chat_template=c.data.feature_text == "chat",
-                                                  progress=c.progress))
+    feats, lengths = ctx.features(lm, texts, layers, origins, batch_size=c.bottleneck.batch_size,
+                                  extra_key={"max_queries": c.bottleneck.max_queries})
     report = silhouette.analyse(feats, layers, qids, langs, bootstrap_draws=c.bottleneck.bootstrap_draws,
                                 ci=c.bottleneck.ci, seed=c.seed, num_layers=lm.cfg.num_layers)
     if multihost.is_primary():
         write_outputs(ctx.stage_dir("bottleneck"), report, feats, layers, qids, langs, extra={
             "config": json.loads(c.to_json_best_effort()), "model_fingerprint": lm.fingerprint,
-            "model_path": lm.path, "prompt_file": c.data.parallel_prompts,
+            "model_path": lm.path, "prompt_file": c.data.parallel_prompts, "prompt_lengths": lengths,
             "paper_bottleneck_layer": c.model.paper_bottleneck if c.model.paper_bottleneck >= 0 else None})
         print(silhouette.format_table(report))
     log.info("bottleneck layer %d of %d", report["bottleneck_layer"], lm.cfg.num_layers)
+    if lengths["truncated"]:
+        log.warning("bottleneck: %d prompt(s) longer than %d tokens were cut from the left (report.json: "
+                    "prompt_lengths)", lengths["truncated"], lengths["limit"])
     return report
 
 

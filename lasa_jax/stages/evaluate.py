@@ -6,16 +6,19 @@ template's generation prompt, exactly the text training conditioned on; then gre
 (``lasa_jax.method.gate.respond``). The judge sees the generated text only, never the prefix.
 
 Reads ``align/hf``, ``baseline/hf`` (if any), ``ssi/`` and ``config.data.eval_harmful`` /
-``eval_benign``; writes into ``WORKDIR/evaluate/``: ``generations.jsonl`` (written before
-judging, so a run can be re-judged with ``rejudge``), ``judged.jsonl`` (generations + judgement
-fields), ``report.json`` (``lasa_jax.method.report.aggregate`` + ``config`` + ``judge``),
-``asr.png``, ``eval_config.json``.
+``eval_benign``; writes ``WORKDIR/evaluate/``: ``generations.jsonl`` (written before judging, so
+a run can be re-judged with ``rejudge``), ``judged.jsonl`` (generations + judgement fields),
+``report.json`` (``lasa_jax.method.report.aggregate`` + ``config`` + ``judge`` +
+``prompt_lengths``), ``asr.png``, ``eval_config.json``. They are written into
+``WORKDIR/.evaluate.tmp-<pid>/`` and replace ``evaluate/`` only when complete; a failed run's
+folder, with its generations.jsonl, stays until the next evaluation starts.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -29,6 +32,7 @@ from lasa_jax.method import report as rep
 from lasa_jax.method.gate import load_for_model, respond
 from lasa_jax.model.generate import generate_text
 from lasa_jax.model.lm import load_model
+from lasa_jax.stages import align
 
 log = logging.getLogger("lasa_jax")
 
@@ -82,11 +86,12 @@ def make_judge(name: str, *, guard_path: str = "", language_check: bool = True,
 
 
 def judge_and_report(out_dir: str, records: list[dict[str, Any]], judge, *, judge_name: str,
-                     config: dict | None = None, print_table: bool = True) -> dict:
+                     config: dict | None = None, print_table: bool = True, extra: dict | None = None) -> dict:
     """Judge generation records, then write judged.jsonl, report.json and asr.png."""
     judged = judges.judge_records(judge, records)
     report = rep.aggregate(judged)
     report["judge"] = judge_name
+    report.update(extra or {})
     if config is not None:
         report["config"] = config
     if multihost.is_primary():
@@ -139,34 +144,42 @@ def _prompt_items(ctx) -> list[dict[str, str]]:
 
 
 def run(ctx) -> dict:
-    """Models: ``aligned`` = WORKDIR/align/hf (SSI-gated when ``evaluate.use_ssi``) if it exists,
-    ``baseline`` = WORKDIR/baseline/hf (ungated) if it exists, and ``base`` when
-    ``evaluate.compare_base`` or when there is no aligned model."""
+    """Models: ``aligned`` = WORKDIR/align/hf (SSI-gated when ``evaluate.use_ssi``), exported
+    first from the final align checkpoint if only that exists; ``baseline`` = WORKDIR/baseline/hf
+    (ungated) if the baseline stage ran; ``base`` when ``evaluate.compare_base``. No aligned model
+    is an error, never a quieter base-only evaluation.
+
+    Outputs are written into a fresh folder that replaces ``evaluate/`` only once complete, so a
+    failed or interrupted evaluation leaves the previous one as it was."""
     c = ctx.config
     e = c.evaluate
     check_judge(e.judge, e.guard_path, ctx.languages, e.language_check)
-    out_dir = ctx.stage_dir("evaluate")
     items = _prompt_items(ctx)
-    aligned_path = os.path.join(ctx.workdir, "align", "hf")
-    # Which models to evaluate is decided on process 0: all processes then load the same ones.
-    exported = lambda d: multihost.on_primary(lambda: fileio.exists(os.path.join(d, "config.json")))
-    have_aligned = exported(aligned_path)
     models = []
-    if have_aligned:
-        models.append(("aligned", aligned_path))
-    else:
-        log.warning("evaluate: %s not found; evaluating the base model only", aligned_path)
+    aligned_path = align.finished_export(ctx, "align")
+    if aligned_path is None:
+        raise ArtifactError(f"{os.path.join(ctx.workdir, 'align', 'hf')}: not found, and no align checkpoints; "
+                            "run the align stage first (--config.stages=align,evaluate)")
+    models.append(("aligned", aligned_path))
     # The baseline stage's model (plain KTO, no SSI/prefix) is evaluated ungated whenever it exists.
-    baseline_path = os.path.join(ctx.workdir, "baseline", "hf")
-    if exported(baseline_path):
+    baseline_path = align.finished_export(ctx, "baseline")
+    if baseline_path is not None:
         models.append(("baseline", baseline_path))
-    if e.compare_base or not have_aligned:
+    if e.compare_base:
         models.append(("base", None))
+    files = {s: ctx.data_path(f"eval_{s}") for s in {it["prompt_set"] for it in items}}
+    origins = {}
+    for it in items:
+        origins.setdefault(it["prompt"], (files[it["prompt_set"]], f"id {it['qid']} ({it['language']})"))
 
     key = jax.random.key(c.seed)
     records: list[dict[str, Any]] = []
+    bounds = None
     for name, path in models:
         lm = ctx.load(path, stage="generate") if path else ctx.base
+        if bounds is None:  # every model here shares the base model's context length
+            bounds = {"generation": ctx.prompt_bound(lm, origins, reserve=e.max_new_tokens),
+                      "ssi": ctx.prompt_bound(lm, origins)}
         artifact = None
         if name == "aligned" and e.use_ssi:
             ssi_dir = os.path.join(ctx.workdir, "ssi")
@@ -178,17 +191,59 @@ def run(ctx) -> dict:
                  ", SSI-gated" if artifact is not None else "")
         got = respond(lm, [it["prompt"] for it in items], [it["language"] for it in items], artifact,
                       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                      temperature=e.temperature, top_p=e.top_p, key=key, progress=c.progress)
+                      temperature=e.temperature, top_p=e.top_p, key=key, progress=c.progress,
+                      bound=bounds["generation"], feature_bound=bounds["ssi"])
         for it, rec in zip(items, got):
             records.append({"model": name, "prompt_set": it["prompt_set"], "qid": it["qid"], **rec})
         if path:
             del lm  # free the aligned model before the next one is loaded
 
     config = json.loads(c.to_json_best_effort())
-    if multihost.is_primary():
-        write_jsonl(os.path.join(out_dir, GENERATIONS), records)
-        write_json(os.path.join(out_dir, EVAL_CONFIG), config)
     judge = make_judge(e.judge, guard_path=e.guard_path, language_check=e.language_check,
                        batch_size=e.batch_size, guard_dtype=c.model.dtype,
                        mesh=ctx.mesh if e.judge in GUARDS else None, model_path=ctx.model_path)
-    return judge_and_report(out_dir, records, judge, judge_name=e.judge, config=config)
+    out_dir = os.path.join(ctx.workdir, "evaluate")
+    staging = _staging_dir(ctx.workdir) if multihost.is_primary() else out_dir
+    if multihost.is_primary():
+        write_jsonl(os.path.join(staging, GENERATIONS), records)
+        write_json(os.path.join(staging, EVAL_CONFIG), config)
+    report = judge_and_report(staging, records, judge, judge_name=e.judge, config=config,
+                              extra={"prompt_lengths": {k: b.report() for k, b in bounds.items()}})
+    if multihost.is_primary():
+        _publish(staging, out_dir)
+    return report
+
+
+# ------------------------------------------------------------------------------ publication
+
+_STAGING, _OLD = ".evaluate.tmp-", ".evaluate.old-"
+
+
+def _staging_dir(workdir: str) -> str:
+    """A fresh folder for this evaluation's outputs. Leftovers of an interrupted run (the workdir
+    lock rules out a live one) are cleared first; if a crash fell between the two renames of
+    ``_publish``, the previous evaluation is put back."""
+    for name in sorted(os.listdir(workdir)):
+        path = os.path.join(workdir, name)
+        if name.startswith(_OLD):
+            if not os.path.exists(os.path.join(workdir, "evaluate")):
+                os.replace(path, os.path.join(workdir, "evaluate"))
+            else:
+                shutil.rmtree(path)
+        elif name.startswith(_STAGING):
+            shutil.rmtree(path)
+    path = os.path.join(workdir, f"{_STAGING}{os.getpid()}")
+    os.makedirs(path)
+    return path
+
+
+def _publish(staging: str, out_dir: str) -> None:
+    """Replace ``out_dir`` by the complete ``staging`` folder: two renames, the old folder removed
+    only after the new one is in place."""
+    old = None
+    if os.path.exists(out_dir):
+        old = os.path.join(os.path.dirname(out_dir), f"{_OLD}{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old)

@@ -16,9 +16,9 @@ from lasa_jax.data import inputs
 from lasa_jax.data.languages import normalize_language
 from lasa_jax.errors import ConfigError, UnknownLanguage
 from lasa_jax.infra import multihost
-from lasa_jax.infra.fileio import atomic_write_text, cached_array
+from lasa_jax.infra.fileio import atomic_write_text
 from lasa_jax.method import figures, probe
-from lasa_jax.model.features import FEATURE_KINDS, extract_features
+from lasa_jax.model.features import FEATURE_KINDS
 
 
 def run(ctx) -> dict:
@@ -27,12 +27,12 @@ def run(ctx) -> dict:
     layer = ctx.bottleneck_layer(c.ssi.layer, "config.ssi.layer")
     lm.check_layers([layer], "config.ssi.layer")
     prompts = inputs.ssi_prompts(c)
-    key = ctx.feature_cache_key(lm, [p.text for p in prompts], [layer])
-    feats = cached_array(ctx.cache_dir if c.bottleneck.cache else None, key,
-                         lambda: extract_features(lm, [p.text for p in prompts], [layer],
-                                                  batch_size=c.ssi.batch_size_features,
-                                                  chat_template=c.data.feature_text == "chat",
-                                                  progress=c.progress))[0]
+    origins = {}
+    for p in prompts:
+        origins.setdefault(p.text, ("config.data.ssi_prompts/ssi_harmful/ssi_benign", f"idx {p.idx} ({p.language})"))
+    feats, lengths = ctx.features(lm, [p.text for p in prompts], [layer], origins,
+                                  batch_size=c.ssi.batch_size_features)
+    feats = feats[0]
     labels = np.array([p.harmful for p in prompts], np.int32)
     langs = [p.language for p in prompts]
     settings = c.ssi.to_dict()
@@ -43,6 +43,7 @@ def run(ctx) -> dict:
         raise ConfigError(f"config.ssi.train_languages: {e}") from None
     artifact, report = probe.train_ssi(feats, labels, langs, settings, meta={
         "layer": layer, "model_fingerprint": lm.fingerprint, "feature": FEATURE_KINDS[c.data.feature_text]})
+    report["prompt_lengths"] = lengths
     if multihost.is_primary():
         out = ctx.stage_dir("ssi")
         probe.save_artifact(out, artifact.params, artifact.meta)
