@@ -34,7 +34,7 @@ from lasa_jax.context import languages_of
 from lasa_jax.data.languages import normalize_language
 from lasa_jax.data import inputs
 from lasa_jax.errors import ArtifactError, CheckpointError, ConfigError, UnknownLanguage, WorkdirError
-from lasa_jax.infra import multihost
+from lasa_jax.infra import fileio, multihost
 from lasa_jax.infra.fileio import read_json
 from lasa_jax.infra.mesh import resolve_mesh_shape
 from lasa_jax.method.kto_data import Z_MODES
@@ -245,22 +245,21 @@ def _language(name: str, field: str) -> str:
 
 def _check_writable(ctx, stages: list[str]) -> None:
     """The workdir and the folders this run will write, by writing a probe file in each."""
-    folders = [ctx.workdir] + [os.path.join(ctx.workdir, s) for s in (*stages, "cache")
-                               if os.path.isdir(os.path.join(ctx.workdir, s))]
+    workdir = fileio.as_path(ctx.workdir)  # a local folder or a URL
+    folders = [workdir] + [workdir / s for s in (*stages, "cache") if (workdir / s).is_dir()]
     for folder in folders:
-        probe = os.path.join(folder, f".lasa-write-probe-{socket.gethostname()}-{os.getpid()}")
+        probe = folder / f".lasa-write-probe-{socket.gethostname()}-{os.getpid()}"
         try:
-            os.makedirs(folder, exist_ok=True)
-            with open(probe, "w") as f:
-                f.write("probe\n")
-            os.remove(probe)
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_text("probe\n")
+            probe.unlink()
         except OSError as e:
-            raise WorkdirError(f"{folder}: not writable ({e.strerror})") from None
+            raise WorkdirError(f"{folder}: not writable ({e.strerror or e})") from None
 
 
 def _check_model_dir(path: str, field: str, expect: dict | None = None):
     """(ModelConfig, tokenizer) of a local checkpoint directory, headers and tokenizer checked."""
-    if not os.path.isdir(path):
+    if not fileio.as_path(path).is_dir():
         raise ConfigError(f"{field}={path!r}: not a directory")
     cfg = from_hf_config(path)
     if expect:
@@ -348,7 +347,7 @@ def _check_data(ctx, stages: list[str]) -> None:
 
 def _check_ssi_artifact(ctx, cfg: ModelConfig, tokenizer) -> None:
     ssi_dir = os.path.join(ctx.workdir, "ssi")
-    if not os.path.exists(os.path.join(ssi_dir, "ssi.json")):
+    if not fileio.exists(os.path.join(ssi_dir, "ssi.json")):
         raise ArtifactError(f"{ssi_dir}: no SSI artifact; run the ssi stage first")
     load_artifact(ssi_dir, model_fingerprint=model_fingerprint(cfg, tokenizer), hidden_size=cfg.hidden_size,
                   num_layers=cfg.num_layers)
@@ -386,7 +385,7 @@ def _check_judge(ctx, stages: list[str]) -> None:
             raise CheckpointError(f"{e.guard_path}: the guard's tokenizer has no chat_template")
     if e.judge == "toyworld":
         path = os.path.join(ctx.config.model.path or ".", "toyworld.json")
-        if not os.path.exists(path):
+        if not fileio.exists(path):
             raise ConfigError(f"config.evaluate.judge='toyworld' needs a toy-world checkpoint in config.model.path "
                               f"({path} not found)")
         info = read_json(path, "toy-world build record")

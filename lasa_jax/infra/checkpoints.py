@@ -18,7 +18,7 @@ import re
 import orbax.checkpoint as ocp
 
 from lasa_jax.errors import ArtifactError
-from lasa_jax.infra import multihost
+from lasa_jax.infra import fileio, multihost
 
 log = logging.getLogger("lasa_jax")
 
@@ -96,12 +96,13 @@ def _move_aside(directory: str, steps: list[int]) -> str:
     """Move unreadable step folders out of Orbax's sight, keeping them for inspection."""
     aside = directory.rstrip("/") + "-unreadable"
     if multihost.is_primary():
-        os.makedirs(aside, exist_ok=True)
+        folder = fileio.as_path(aside)  # local, or a bucket (where a rename is a copy)
+        folder.mkdir(parents=True, exist_ok=True)
         for step in steps:
-            target, n = os.path.join(aside, str(step)), 1
-            while os.path.exists(target):
-                target, n = os.path.join(aside, f"{step}.{n}"), n + 1
-            os.replace(os.path.join(directory, str(step)), target)
+            target, n = folder / str(step), 1
+            while target.exists():
+                target, n = folder / f"{step}.{n}", n + 1
+            (fileio.as_path(directory) / str(step)).rename(target)
     # Every process must see the folders gone before its manager relists the steps.
     ocp.multihost.sync_global_processes("lasa_jax_checkpoints_move_aside")
     return aside

@@ -226,10 +226,15 @@ class StagedDir:
 
 def publish_dir(tmp: str, out: str) -> str:
     """Move a fully written local folder ``tmp`` to ``out`` (same file system), replacing an
-    older ``out``."""
+    older ``out``: the old folder is renamed aside first and removed only once the new one is in
+    place, so no moment leaves neither."""
+    old = None
     if os.path.exists(out):
-        shutil.rmtree(out)
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".old", dir=os.path.dirname(out) or ".")
+        os.replace(out, os.path.join(old, "previous"))
     os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
     return out
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import contextlib
 from typing import Any
 
 import jax
@@ -202,48 +202,14 @@ def run(ctx) -> dict:
     judge = make_judge(e.judge, guard_path=e.guard_path, language_check=e.language_check,
                        batch_size=e.batch_size, guard_dtype=c.model.dtype,
                        mesh=ctx.mesh if e.judge in GUARDS else None, model_path=ctx.model_path)
-    out_dir = os.path.join(ctx.workdir, "evaluate")
-    staging = _staging_dir(ctx.workdir) if multihost.is_primary() else out_dir
-    if multihost.is_primary():
-        write_jsonl(os.path.join(staging, GENERATIONS), records)
-        write_json(os.path.join(staging, EVAL_CONFIG), config)
-    report = judge_and_report(staging, records, judge, judge_name=e.judge, config=config,
-                              extra={"prompt_lengths": {k: b.report() for k, b in bounds.items()}})
-    if multihost.is_primary():
-        _publish(staging, out_dir)
+    # Written into a staged folder that becomes evaluate/ (report.json last) only when complete.
+    primary = multihost.is_primary()
+    stage = fileio.staged_dir(ctx.workdir / "evaluate", REPORT) if primary else contextlib.nullcontext()
+    with stage as staged:
+        staging = staged.path if primary else os.fspath(ctx.workdir / "evaluate")
+        if primary:
+            write_jsonl(os.path.join(staging, GENERATIONS), records)
+            write_json(os.path.join(staging, EVAL_CONFIG), config)
+        report = judge_and_report(staging, records, judge, judge_name=e.judge, config=config,
+                                  extra={"prompt_lengths": {k: b.report() for k, b in bounds.items()}})
     return report
-
-
-# ------------------------------------------------------------------------------ publication
-
-_STAGING, _OLD = ".evaluate.tmp-", ".evaluate.old-"
-
-
-def _staging_dir(workdir: str) -> str:
-    """A fresh folder for this evaluation's outputs. Leftovers of an interrupted run (the workdir
-    lock rules out a live one) are cleared first; if a crash fell between the two renames of
-    ``_publish``, the previous evaluation is put back."""
-    for name in sorted(os.listdir(workdir)):
-        path = os.path.join(workdir, name)
-        if name.startswith(_OLD):
-            if not os.path.exists(os.path.join(workdir, "evaluate")):
-                os.replace(path, os.path.join(workdir, "evaluate"))
-            else:
-                shutil.rmtree(path)
-        elif name.startswith(_STAGING):
-            shutil.rmtree(path)
-    path = os.path.join(workdir, f"{_STAGING}{os.getpid()}")
-    os.makedirs(path)
-    return path
-
-
-def _publish(staging: str, out_dir: str) -> None:
-    """Replace ``out_dir`` by the complete ``staging`` folder: two renames, the old folder removed
-    only after the new one is in place."""
-    old = None
-    if os.path.exists(out_dir):
-        old = os.path.join(os.path.dirname(out_dir), f"{_OLD}{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old)
