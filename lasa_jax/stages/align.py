@@ -15,7 +15,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -27,9 +26,11 @@ from lasa_jax.infra.mesh import batch_multiple
 from lasa_jax.method.gate import load_for_model, ssi_verdicts
 from lasa_jax.method.kto_data import DEFAULT_SOURCE_PROBS, AlignBatches, KTOBatches, KTOItem, pairs_to_items
 from lasa_jax.method.trainer import Trainer, peak_flops, reference_logps
-from lasa_jax.model.checkpoint import weights_digest
+from lasa_jax.model.checkpoint import stored_dtype, weights_digest
 
 log = logging.getLogger("lasa_jax")
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def run(ctx) -> dict:
@@ -151,6 +152,9 @@ def train(ctx, stage: str = "align") -> dict:
     a = c.align if stage == "align" else baseline_align_config(c.align)
     if a.reference not in ("precomputed", "per_step"):
         raise ConfigError(f"config.align.reference must be 'precomputed' or 'per_step', got {a.reference!r}")
+    for field in ("master_dtype", "export_dtype"):
+        if a[field] not in FLOAT_DTYPES + (("",) if field == "export_dtype" else ()):
+            raise ConfigError(f"config.align.{field}={a[field]!r}: expected one of {list(FLOAT_DTYPES)}")
     out_dir = ctx.stage_dir(stage)
     pairs = read_kto_pairs(ctx.data_path("kto_pairs"))
     ctx.release_base()  # the feature stages' copy; this stage loads (and trains) its own
@@ -178,30 +182,27 @@ def train(ctx, stage: str = "align") -> dict:
     total = data.total_steps
     trainer = Trainer(lm, a, total_steps=total, per_step_reference=a.reference == "per_step",
                       lambda_align=a.lambda_align, align_layer=layer)
-    base_params = lm.params
-    lm = lm.with_params(None)  # its buffers become the policy's, which every step donates
+    base_params = lm.params  # model.param_dtype: the start point and the frozen reference
+    lm = lm.with_params(None)
     model_key = digest(weights_digest(lm.path), str(lm.param_dtype), str(lm.dtype))
     ref_path = None
     if a.reference == "precomputed":
         ref_path = cached_reference(trainer, base_params, data, out_dir, model_key, progress=c.progress)
 
     run_key = {"data": data.key, "model": model_key, "total_steps": total, "lambda_align": float(a.lambda_align),
-               "align_layer": layer}
+               "align_layer": layer, "master_dtype": trainer.precision["master"]}
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     mngr = checkpoints.manager(ckpt_dir, keep=a.keep_checkpoints, async_save=a.async_checkpoints)
-    params, opt_state = base_params, None
     start = 0
     latest = mngr.latest_step()
-    if latest is None:
-        opt_state = trainer.init_opt_state(params)
-    else:
-        as_abstract = lambda tree, shardings: jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-        abstract = {"params": as_abstract(params, trainer.param_shardings),
-                    "opt_state": as_abstract(jax.eval_shape(trainer.tx.init, params), trainer.opt_shardings),
+    ref_params = base_params if a.reference == "per_step" else None
+    params, opt_state = trainer.init_state(base_params) if latest is None else (None, None)
+    # With a precomputed reference nothing else holds the base weights: they are freed here, so
+    # training (and a restore) never has them beside the masters.
+    del base_params
+    if latest is not None:
+        abstract = {"params": trainer.abstract_masters, "opt_state": trainer.abstract_opt_state,
                     "step": np.zeros((), np.int64)}
-        if a.reference == "precomputed":
-            del params  # the base weights are no longer needed: free them before restoring
         state, meta = checkpoints.restore(mngr, latest, abstract)
         differs = sorted(k for k in run_key if meta.get("run_key", {}).get(k) != run_key[k])
         if differs:
@@ -210,14 +211,10 @@ def train(ctx, stage: str = "align") -> dict:
         params, opt_state = state["params"], state["opt_state"]
         start = int(state["step"])
         log.info("%s: resuming from step %d of %d (%s)", stage, start, total, ckpt_dir)
-    ref_params = None
-    if a.reference == "per_step":
-        # A fresh run trains the base buffers themselves (donated), so the reference is a copy.
-        ref_params = base_params if start else jax.jit(
-            lambda p: jax.tree.map(jnp.copy, p), out_shardings=trainer.param_shardings)(base_params)
-    del base_params
 
     metrics_log = _MetricsLog(out_dir, start, bool(a.tensorboard))
+    export_dtype = a.export_dtype or stored_dtype(lm.path)
+    precision = {**trainer.precision, "export": export_dtype}
     peak = peak_flops(list(lm.mesh.devices.flat))
     last_good = latest
     last_row: dict = {}
@@ -246,7 +243,8 @@ def train(ctx, stage: str = "align") -> dict:
                 raise NonFiniteLoss(f"non-finite loss at step {s + 1}; last good checkpoint: {where} "
                                     f"(loss={float(m['loss'])}, updated params finite: {bool(m['params_finite'])})")
             tokens = int(host["mask"].sum())
-            last_row = _row(s + 1, data, m, float(trainer.schedule(s)), tokens, seconds, peak, trainer.num_params)
+            last_row = {**_row(s + 1, data, m, float(trainer.schedule(s)), tokens, seconds, peak, trainer.num_params),
+                        "master_dtype": precision["master"], "compute_dtype": precision["compute"]}
             metrics_log.write(last_row)
             bar.update()
             bar.set_postfix(loss=f"{last_row['loss']:.4f}", margin=f"{last_row['rewards/margins']:.3f}")
@@ -266,8 +264,9 @@ def train(ctx, stage: str = "align") -> dict:
     if a.export:
         # Only now: the final checkpoint is committed, so a crash during export loses nothing.
         hf_dir = os.path.join(out_dir, "hf")
-        lm.with_params(params).save(hf_dir, dtype=a.export_dtype or lm.param_dtype)
-    summary = {"steps": total, "resumed_from": start, "final_loss": last_row.get("loss"),
+        # From the masters, rounded once to the export dtype (default: the checkpoint's own).
+        lm.with_params(params).save(hf_dir, dtype=export_dtype)
+    summary = {"steps": total, "resumed_from": start, "precision": precision, "final_loss": last_row.get("loss"),
                "final_margin": last_row.get("rewards/margins"), "checkpoints": ckpt_dir,
                "metrics": metrics_log.path, "reference": ref_path, "hf": hf_dir, "num_items": len(items)}
     if multihost.is_primary():
