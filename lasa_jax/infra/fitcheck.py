@@ -9,16 +9,16 @@ split over data*fsdp; attention heads, the MLP width and the vocabulary are spli
 Align (Latent KTO, ``lasa_jax.method.trainer``) holds, per device (N = parameters,
 P = fsdp*tensor, m / c / p = bytes of the master / compute / param dtype):
 
-- master_params N*m/P and optimizer 2*N*m/P (AdamW moments take the masters' dtype);
-- compute_params N*c/P (the masters cast once per step; absent when c is the master dtype);
-- gradients N*c/P (one micro-batch's, in the compute dtype), and with grad_accum > 1 a
-  gradient_accumulator N*4/P (float32; with one micro-batch the cast fuses into the update);
-- reference_params N*p/P for ``reference = "per_step"`` (plus, under FSDP, its embedding and
-  head gathered whole); the base model itself is released before training;
-- saved activations of one micro-batch (below) and the larger of two transient working sets:
-  the loss's (three float32 (b, T, V/tensor) arrays: logits, softmax, gradient; under FSDP the
-  LM head gathered whole) or one decoder layer's (the "none" term below; under FSDP the layer's
-  gathered weights).
+- master_params N*m/P and optimizer 2*N*m/P (AdamW moments take the masters' dtype), and for
+  ``reference = "per_step"`` reference_params N*p/P (plus, under FSDP, its embedding and head
+  gathered whole); the base model itself is released before training;
+- then the larger of two phases. Forward/backward of a micro-batch: compute_params N*c/P (the
+  masters cast once per step; absent when c is the master dtype), gradients N*c/P, with
+  grad_accum > 1 a float32 gradient_accumulator N*4/P, the saved activations (below) and the
+  larger transient working set of the loss (three float32 (b, T, V/tensor) arrays: logits,
+  softmax, gradient; under FSDP the LM head gathered whole) or of one decoder layer (the "none"
+  term below; under FSDP the layer's gathered weights). The update: the float32 gradients it
+  reads (the accumulator, or one micro-batch's gradients and their float32 cast).
 
 Activation model (tok = per-device tokens of one micro-batch = b*T with
 b = B/(grad_accum*data*fsdp), q = heads*head_dim/tensor, kv = kv_heads*head_dim/tensor,
@@ -105,6 +105,9 @@ class Estimate:
     mesh_shape: dict[str, int]
     settings: dict[str, Any]
     breakdown: dict[str, float]
+    # align: the terms of each phase ("backward": forward and backward of a micro-batch,
+    # "update": the optimizer step); ``breakdown`` holds those of the larger one.
+    phases: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> float:
@@ -177,6 +180,7 @@ def estimate(model: Any, *, stage: str, mesh_shape: Mapping[str, int],
     layer_all = tok * (6 * d + 3 * q + 3 * kv + 5 * f) * c + scores * (4 + c)
 
     out: dict[str, float] = {}
+    phases: dict[str, dict[str, float]] = {}
     if stage == "align":
         # Mixed precision (lasa_jax.method.trainer): masters and moments in master_dtype, one cast
         # of the masters to the compute dtype, gradients in the compute dtype, summed over
@@ -186,32 +190,39 @@ def estimate(model: Any, *, stage: str, mesh_shape: Mapping[str, int],
         vocab_mats = 1 if model.tie_embeddings else 2
         out["master_params"] = shard * m_bytes
         out["optimizer"] = _OPT_MOMENTS[optimizer] * shard * m_bytes
-        if c != m_bytes or compute_dtype != master_dtype:
-            out["compute_params"] = shard * c
-        out["gradients"] = shard * c
-        if grad_accum > 1:  # with one micro-batch the float32 cast fuses into the update
-            out["gradient_accumulator"] = shard * 4
         if reference == "per_step":
             # The frozen reference in its own dtype; under FSDP XLA also keeps its embedding and
             # LM head gathered for the reference forwards of every step.
             out["reference_params"] = shard * p_bytes + (vocab_mats * vocab * d * p_bytes if mesh["fsdp"] > 1 else 0)
+        # The rest depends on the phase: forward and backward of a micro-batch, or the update.
+        backward: dict[str, float] = {}
+        if compute_dtype != master_dtype:
+            backward["compute_params"] = shard * c
+        backward["gradients"] = shard * c
+        if grad_accum > 1:
+            backward["gradient_accumulator"] = shard * 4
         saved = {"none": layer_all,
                  "dots": tok * (3 * d + 2 * q + 2 * kv + 2 * f) * c + scores * c,
                  "dots_no_batch": tok * (3 * d + q + 2 * kv + 2 * f) * c,
                  "full": tok * d * c}[remat]
-        out["saved_activations"] = float(model.num_layers * saved)
-        # The transient working set is that of whichever phase needs more: the loss (float32
-        # logits, their softmax and gradient, and under FSDP the LM head gathered whole, split
-        # only by tensor) or one decoder layer (its full working set and, under FSDP, its
-        # gathered weights). Everything above is live through both.
+        backward["saved_activations"] = float(model.num_layers * saved)
+        # The larger transient working set of the loss (float32 logits, softmax and gradient;
+        # under FSDP the LM head gathered whole, split only by tensor) and of one decoder layer
+        # (its full working set; under FSDP its gathered weights).
         fsdp = mesh["fsdp"] > 1
         layer_params = (n_params - model.vocab_size * d * vocab_mats) / model.num_layers
         loss_set = 3 * tok * vocab * 4 + (vocab * d * c if fsdp else 0)
         layer_set = layer_all + (layer_params / t * c if fsdp else 0)
         if loss_set >= layer_set:
-            out["loss_working_set"] = float(loss_set)
+            backward["loss_working_set"] = float(loss_set)
         else:
-            out["layer_working_set"] = float(layer_set)
+            backward["layer_working_set"] = float(layer_set)
+        # The update reads float32 gradients: the accumulator, or one micro-batch's gradients
+        # and their float32 cast.
+        update = {"gradient_accumulator": shard * 4} if grad_accum > 1 else \
+            {"gradients": shard * c, **({"gradients_float32": shard * 4} if compute_dtype != "float32" else {})}
+        phases = {"backward": backward, "update": update}
+        out.update(max(backward, update, key=lambda terms: sum(terms.values())))
     else:
         out["params"] = n_params * p_bytes / param_shards
     if stage == "ssi":
@@ -224,7 +235,8 @@ def estimate(model: Any, *, stage: str, mesh_shape: Mapping[str, int],
         out["logits"] = float(b * vocab * 4)
     if stage != "align":
         out["workspace"] = float(layer_all)
-    return Estimate(model=model, stage=stage, mesh_shape=mesh, settings=settings, breakdown=out)
+    return Estimate(model=model, stage=stage, mesh_shape=mesh, settings=settings, breakdown=out,
+                    phases=phases)
 
 
 def _split(dim: int, n: int) -> int:

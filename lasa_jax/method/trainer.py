@@ -223,14 +223,23 @@ class Trainer:
                                valid=mb["valid"], **self.kto_kw)
             return loss * jnp.sum(mb["valid"]) / n_valid, logps
 
-        def body(acc, mb):  # gradients in the compute dtype, summed in float32
+        def grads_of(mb):  # gradients in the compute dtype, handed on as float32
             (_, logps), g = jax.value_and_grad(micro_loss, has_aux=True)(params, mb)
-            return jax.tree.map(lambda a, b: a + b.astype(f32), acc, g), logps
+            return jax.tree.map(lambda x: x.astype(f32), g), logps
 
         micro = {"tokens": batch["tokens"], "mask": batch["mask"], "loss_mask": batch["loss_mask"],
                  "ref": ref, "desirable": batch["desirable"], "valid": valid}
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), masters)
-        grads, pol = jax.lax.scan(body, zeros, micro)
+        if batch["tokens"].shape[0] == 1:
+            # One micro-batch: no accumulator buffer; the float32 cast fuses into the update.
+            grads, pol = grads_of(jax.tree.map(lambda x: x[0], micro))
+            pol = pol[None]
+        else:
+            def body(acc, mb):  # the float32 sum over micro-batches
+                g, logps = grads_of(mb)
+                return jax.tree.map(jnp.add, acc, g), logps
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), masters)
+            grads, pol = jax.lax.scan(body, zeros, micro)
         flat = lambda x: x.reshape(-1)
         kto, metrics = kto_loss(flat(pol), flat(ref), flat(pol_kl), flat(ref_kl), flat(batch["desirable"]),
                                 valid=flat(valid), **self.kto_kw)
