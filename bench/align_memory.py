@@ -1,6 +1,7 @@
 """Per-device memory of the align step for the 7 paper models, measured by XLA, beside the fit check.
 
-    PYTHONPATH=. python bench/align_memory.py [--devices 8] [--dtype float32] [--models qwen3-8b,...] [--json OUT]
+    PYTHONPATH=. python bench/align_memory.py [--devices 8] [--mesh DATA,FSDP,TENSOR] [--dtype float32]
+                                              [--models qwen3-8b,...] [--json OUT]
 
 For each paper model (``lasa_jax.presets.KNOWN_MODELS``) with its run config's defaults
 (``configs/<model>.py``: bf16 weights and compute, float32 masters and AdamW moments, remat
@@ -31,16 +32,18 @@ DEVICES = {"80 GB GPU": 80 * GB, "TPU v5p (95 GiB)": 95 * GiB}
 HEADROOM = 0.9
 
 
-def measure(name: str, num_devices: int, dtype: str = "") -> dict:
+def measure(name: str, num_devices: int, dtype: str = "", mesh_override: str = "") -> dict:
     from lasa_jax.infra import fitcheck
     from lasa_jax.infra.mesh import mesh_from_config, resolve_mesh_shape
     from lasa_jax.method.trainer import Trainer, abstract_model, batch_shapes
     from lasa_jax.presets import KNOWN_MODELS, paper_model_config
 
     c = paper_model_config(name)
+    c.unlock()
     if dtype:
-        c.unlock()
         c.model.dtype = c.model.param_dtype = dtype
+    if mesh_override:  # e.g. 32 devices: fsdp=32 does not divide the batch of 16
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (int(x) for x in mesh_override.split(","))
     m, a = c.model, c.align
     arch = KNOWN_MODELS[name]
     mesh = mesh_from_config(c.mesh)
@@ -86,6 +89,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (the mesh fills them)")
+    p.add_argument("--mesh", default="", help="DATA,FSDP,TENSOR instead of the configs' (1, all, 1)")
     p.add_argument("--dtype", default="", help="override the configs' weight and compute dtype (bfloat16)")
     p.add_argument("--models", default="", help="comma-separated subset of the paper models")
     p.add_argument("--json", default="", help="also write the measurements here")
@@ -97,7 +101,7 @@ def main() -> None:
     names = [n for n in args.models.split(",") if n] or list(KNOWN_MODELS)
     rows = []
     for name in names:
-        rows.append(measure(name, args.devices, args.dtype))
+        rows.append(measure(name, args.devices, args.dtype, args.mesh))
         r = rows[-1]
         print(f"{name}: XLA {r['xla']['total'] / GiB:.2f} GiB per device, fit check "
               f"{r['fitcheck']['total'] / GiB:.2f} GiB (compiled in {r['compile_s']:.0f} s)",
