@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/align_memory.py [--devices 8] [--mesh DATA,FSDP,TENSOR] [--dtype float32]
                                               [--models qwen3-8b,...] [--json OUT]
+    PYTHONPATH=. python bench/align_memory.py --small    # the test's small model, several policies
 
 For each paper model (``lasa_jax.presets.KNOWN_MODELS``) with its run config's defaults
 (``configs/<model>.py``: bf16 weights and compute, float32 masters and AdamW moments, remat
@@ -17,7 +18,9 @@ runs, but it upcasts bf16 matmul operands to float32 (no native bf16 GEMM), whic
 copies of activations and gathered weights that an accelerator does not hold; the activation
 part of the CPU number is therefore an overestimate for bf16 compute. ``--dtype float32`` (weights
 and compute in float32, masters and moments float32 as always) compiles a program the CPU runs
-as written, to check the estimate where XLA's number is faithful.
+as written, to check the estimate where XLA's number is faithful. ``--small`` does that for the
+small qwen2-style model of tests/test_fitcheck.py under several remat / accumulation / reference
+policies and meshes (float32, 8 devices).
 """
 from __future__ import annotations
 
@@ -70,6 +73,45 @@ def measure(name: str, num_devices: int, dtype: str = "", mesh_override: str = "
             "fitcheck": {"total": est.total, "breakdown": est.breakdown}}
 
 
+SMALL_POLICIES = [  # (mesh, remat, grad_accum, reference)
+    ((1, 8, 1), "full", 1, "precomputed"), ((1, 8, 1), "none", 1, "precomputed"),
+    ((1, 8, 1), "dots", 1, "precomputed"), ((1, 8, 1), "none", 2, "precomputed"),
+    ((1, 8, 1), "full", 1, "per_step"), ((2, 4, 1), "full", 1, "precomputed"),
+    ((1, 4, 2), "full", 1, "precomputed"),
+]
+
+
+def small_grid() -> str:
+    """The small model of tests/test_fitcheck.py, float32, under each of SMALL_POLICIES."""
+    from lasa_jax.config import base_config
+    from lasa_jax.infra import fitcheck
+    from lasa_jax.infra.mesh import make_mesh
+    from lasa_jax.method.trainer import Trainer, abstract_model, batch_shapes
+    from lasa_jax.model.config import ModelConfig
+
+    m = ModelConfig(family="qwen2", vocab_size=8192, hidden_size=512, num_layers=4, num_heads=8,
+                    num_kv_heads=2, head_dim=64, intermediate_size=1536, qkv_bias=True)
+    MiB = 2 ** 20
+    lines = ["| mesh | remat | micro-batches | reference | XLA total | fit check | fit / XLA |",
+             "|---|---|---|---|---|---|---|"]
+    for mesh, remat, accum, reference in SMALL_POLICIES:
+        lm = abstract_model(m, make_mesh(*mesh), dtype="float32", param_dtype="float32", remat=remat)
+        a = base_config().align
+        a.batch_size, a.grad_accum, a.reference = 16 * accum, accum, reference
+        trainer = Trainer(lm, a, total_steps=10, per_step_reference=reference == "per_step")
+        stats = trainer.lower(batch_shapes(a.batch_size, accum, 128, precomputed=reference == "precomputed")
+                              ).compile().memory_analysis()
+        xla = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+               + stats.temp_size_in_bytes)
+        est = fitcheck.estimate(m, stage="align", mesh_shape=dict(zip(fitcheck.MESH_AXES, mesh)),
+                                param_dtype="float32", compute_dtype="float32", batch_size=a.batch_size,
+                                seq_len=128, remat=remat, reference=reference, grad_accum=accum)
+        lines.append(f"| {mesh} | {remat} | {accum} | {reference} | {xla / MiB:.1f} MiB | "
+                     f"{est.total / MiB:.1f} MiB | {est.total / xla:.2f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = ("| model | params | mesh (data, fsdp, tensor) | XLA args | XLA temp | XLA total | fit check "
             "| fit / XLA | " + " | ".join(f"fits {k}" for k in DEVICES) + " |")
@@ -93,10 +135,14 @@ def main() -> None:
     p.add_argument("--dtype", default="", help="override the configs' weight and compute dtype (bfloat16)")
     p.add_argument("--models", default="", help="comma-separated subset of the paper models")
     p.add_argument("--json", default="", help="also write the measurements here")
+    p.add_argument("--small", action="store_true", help="the small test model under several policies")
     args = p.parse_args()
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.small:
+        print(small_grid())
+        return
     from lasa_jax.presets import KNOWN_MODELS
     names = [n for n in args.models.split(",") if n] or list(KNOWN_MODELS)
     rows = []

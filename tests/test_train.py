@@ -185,9 +185,8 @@ def step_on_mesh(tiny, one_step, mesh):
     np.testing.assert_allclose(items[data.indices(0)], one_step["ref"], rtol=1e-6, atol=0)
     np.testing.assert_allclose(kl[0], one_step["ref_kl"], rtol=1e-6, atol=0)
     data.ref_logps, data.ref_kl_logps = items, kl
-    params = jax.device_put(one_step["start"], trainer.param_shardings)
-    params, _, metrics = trainer.step(params, trainer.init_opt_state(params),
-                                      batch_at(data, one_step["parallel"], 0), 0)
+    params, opt_state = trainer.init_state(jax.device_put(one_step["start"], trainer.param_shardings))
+    params, _, metrics = trainer.step(params, opt_state, batch_at(data, one_step["parallel"], 0), 0)
     return host_copy(params), host_copy(metrics)
 
 
@@ -220,9 +219,8 @@ def test_precomputed_and_per_step_reference_give_the_same_losses(tiny, pairs_fil
         if mode == "precomputed":
             data.ref_logps, data.ref_kl_logps = reference_logps(trainer, lm.params, data)
         else:
-            ref = jax.tree.map(jnp.copy, lm.params)
-        params = jax.tree.map(jnp.copy, lm.params)
-        opt = trainer.init_opt_state(params)
+            ref = lm.params  # frozen: init_state copies, so the steps never donate it
+        params, opt = trainer.init_state(lm.params)
         rows = []
         for s in range(3):
             params, opt, m = trainer.step(params, opt, batch_at(data, parallel, s), s, ref)
