@@ -30,7 +30,7 @@ from lasa_jax.errors import NonFiniteLoss
 from lasa_jax.infra.mesh import make_mesh
 from lasa_jax.method.kto import alignment_loss, completion_logps, kto_loss
 from lasa_jax.method.kto_data import AlignBatches, KTOBatches
-from lasa_jax.method.trainer import Trainer, reference_logps
+from lasa_jax.method.trainer import Trainer, batch_shapes, reference_logps
 from lasa_jax.model.lm import load_model
 from lasa_jax.model.tiny import make_tiny_checkpoint
 from lasa_jax.stages import align as train
@@ -206,6 +206,16 @@ def test_sharded_step_equals_single_device_reference(tiny, one_step, shape):
     assert float(one_step["metrics"]["align_loss"]) > 1e-3
     for k in ("z_ref", "rewards/chosen", "rewards/rejected", "rewards/margins", "align_loss"):
         assert abs(float(metrics[k]) - float(one_step["metrics"][k])) <= 1e-5, k
+
+
+def test_batch_shapes_describe_the_host_batches(one_step):
+    """What a benchmark lowers the step with (trainer.batch_shapes) is what training feeds it."""
+    data, parallel = one_step["data"], one_step["parallel"]
+    host = batch_at(data, parallel, 0)
+    al = parallel.host_batch(0)["align_tokens"].shape
+    want = batch_shapes(16, 2, data.length, precomputed="ref_logps" in host, align_rows=al[0], align_length=al[1])
+    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in host.items()} == \
+           {k: (v.shape, np.dtype(v.dtype)) for k, v in want.items()}
 
 
 def test_precomputed_and_per_step_reference_give_the_same_losses(tiny, pairs_file):

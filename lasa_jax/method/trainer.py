@@ -230,7 +230,7 @@ class Trainer:
         micro = {"tokens": batch["tokens"], "mask": batch["mask"], "loss_mask": batch["loss_mask"],
                  "ref": ref, "desirable": batch["desirable"], "valid": valid}
         if batch["tokens"].shape[0] == 1:
-            # One micro-batch: no accumulator buffer; the float32 cast fuses into the update.
+            # One micro-batch: no accumulator buffer, its gradients go to the update in float32.
             grads, pol = grads_of(jax.tree.map(lambda x: x[0], micro))
             pol = pol[None]
         else:
