@@ -485,7 +485,7 @@ def test_bf16_export_is_the_masters_rounded_once(bf16_run):
     with safe_open(os.path.join(hf, "model.safetensors"), framework="numpy") as h:
         assert {h.get_slice(k).get_dtype() for k in h.keys()} == {"BF16"}
     masters = _final_params(workdir)
-    rounded = jax.tree.map(lambda m: torch.from_numpy(m).to(torch.bfloat16).float().numpy(), masters)
+    rounded = jax.tree.map(lambda m: torch.from_numpy(np.array(m)).to(torch.bfloat16).float().numpy(), masters)
     exported = host_copy(load_model(hf).params)  # read back in float32 (exact for bf16)
     assert max_diff(masters, rounded) > 0  # the masters hold more than bf16 does
     assert max_diff(exported, rounded) == 0
