@@ -75,9 +75,8 @@ def main():
 
     def time_jax(per_step: bool) -> float:
         tr = Trainer(lm, a, total_steps=n_steps, per_step_reference=per_step)
-        ref = jax.tree.map(lambda x: x.copy(), lm.params) if per_step else None
-        params = jax.tree.map(lambda x: x.copy(), lm.params)
-        opt = tr.init_opt_state(params)
+        ref = lm.params if per_step else None  # init_state copies: the step never donates lm.params
+        params, opt = tr.init_state(lm.params)
         for s in range(n_steps):
             if s == args.warmup:
                 jax.block_until_ready(params)

@@ -143,7 +143,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.align.checkpoint_every = 100
     c.align.keep_checkpoints = 2
     c.align.export = True
-    c.align.export_dtype = ""  # "" = param dtype
+    # Mixed precision: float32 master weights and AdamW moments, forward/backward in model.dtype
+    # (the frozen reference stays in model.param_dtype); an update of lr 1e-6 vanishes in bf16.
+    c.align.master_dtype = "float32"  # float32 | bfloat16 | float16
+    c.align.export_dtype = ""  # "" = the dtype the base checkpoint stores
     c.align.async_checkpoints = True  # Orbax writes in the background; the step loop goes on
     c.align.tensorboard = True  # align/tensorboard (tensorboardX), process 0 only
 

@@ -169,7 +169,9 @@ class Context:
             est = fitcheck.estimate(cfg, stage=stage, mesh_shape=dict(self.mesh.shape),
                                     param_dtype=m.param_dtype, compute_dtype=m.dtype,
                                     batch_size=self._batch_for(stage), seq_len=self._seq_for(stage),
-                                    remat=m.remat, reference=self.config.align.reference)
+                                    remat=m.remat, reference=self.config.align.reference,
+                                    master_dtype=self.config.align.master_dtype,
+                                    grad_accum=self.config.align.grad_accum if stage == "align" else 1)
             fitcheck.check_fit(est, device_bytes)
         expect = {k: v for k, v in m.expect.to_dict().items() if v is not None}
         return load_model(path, dtype=m.dtype, param_dtype=m.param_dtype, mesh=self.mesh,
@@ -194,5 +196,8 @@ class Context:
 
     def release_base(self) -> None:
         """Drop the base model so that its device buffers can be freed before a stage loads its
-        own copy (align trains one, evaluate loads the aligned one)."""
+        own copy (align trains one, evaluate loads the aligned one). Its parameters are dropped
+        from the model object itself, so a reference to it left anywhere keeps no weights alive."""
+        if self._base is not None:
+            self._base.params = None
         self._base = None

@@ -3,7 +3,11 @@ the run config each ``configs/<model>.py`` file returns.
 
 Each paper model's config names its architecture (checked against the checkpoint's config.json
 at load), the layer the authors report as its bottleneck (for reference in the report only: our
-finder decides), and a mesh that fits on 8 x 80 GB GPUs.
+finder decides), and a default mesh (fsdp over all devices). On 8 x 80 GB GPUs every stage of
+the 7-14B models fits; for the 32B models the feature stages and evaluation fit, but ``align``
+with float32 masters and moments (18 bytes per parameter at its peak) needs about 79 GiB per
+device by XLA's count, so train them on 16 such GPUs or a TPU v5p slice (bench/RESULTS.md, align
+memory); the fit check says so before any weight is loaded.
 """
 from __future__ import annotations
 

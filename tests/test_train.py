@@ -1,15 +1,19 @@
-"""Latent-KTO training loop (lasa_jax.stages.align). float32 throughout, 8 simulated CPU devices.
+"""Latent-KTO training loop (lasa_jax.stages.align), 8 simulated CPU devices. float32 except the
+mixed-precision tests (bf16 weights and compute, float32 masters: the paper configs' flags).
 
 References: an independent single-device step (plain full-batch forward, jax.grad of kto_loss,
-optax.chain(clip_by_global_norm, adamw(warmup_cosine_decay_schedule))) and transformers'
+optax.chain(clip_by_global_norm, adamw(warmup_cosine_decay_schedule))), an all-float32 run for
+the bf16 one, torch's float32 -> bfloat16 rounding for the bf16 export, and transformers'
 LlamaForCausalLM for the export. Tolerances are stated per test.
 
 Every run here uses the same batch shapes and optimiser settings, so the compiled step is shared
 through a per-session JAX compilation cache (the first compile dominates on a small CPU).
 """
+import gc
 import json
 import os
 import signal
+import weakref
 import subprocess
 import sys
 
@@ -26,7 +30,7 @@ from lasa_jax.errors import NonFiniteLoss
 from lasa_jax.infra.mesh import make_mesh
 from lasa_jax.method.kto import alignment_loss, completion_logps, kto_loss
 from lasa_jax.method.kto_data import AlignBatches, KTOBatches
-from lasa_jax.method.trainer import Trainer, reference_logps
+from lasa_jax.method.trainer import Trainer, batch_shapes, reference_logps
 from lasa_jax.model.lm import load_model
 from lasa_jax.model.tiny import make_tiny_checkpoint
 from lasa_jax.stages import align as train
@@ -86,10 +90,10 @@ def pairs_file(tmp_path_factory):
     return str(path)
 
 
-def make_config(workdir, model, pairs, **align):
+def make_config(workdir, model, pairs, dtype="float32", **align):
     c = base_config()
     c.workdir, c.progress, c.seed = str(workdir), False, 0
-    c.model.path, c.model.dtype, c.model.param_dtype = model, "float32", "float32"
+    c.model.path, c.model.dtype, c.model.param_dtype = model, dtype, dtype
     c.data.kto_pairs = pairs
     c.data.languages = LANGUAGES
     for k, v in {**ALIGN, **align}.items():
@@ -181,9 +185,8 @@ def step_on_mesh(tiny, one_step, mesh):
     np.testing.assert_allclose(items[data.indices(0)], one_step["ref"], rtol=1e-6, atol=0)
     np.testing.assert_allclose(kl[0], one_step["ref_kl"], rtol=1e-6, atol=0)
     data.ref_logps, data.ref_kl_logps = items, kl
-    params = jax.device_put(one_step["start"], trainer.param_shardings)
-    params, _, metrics = trainer.step(params, trainer.init_opt_state(params),
-                                      batch_at(data, one_step["parallel"], 0), 0)
+    params, opt_state = trainer.init_state(jax.device_put(one_step["start"], trainer.param_shardings))
+    params, _, metrics = trainer.step(params, opt_state, batch_at(data, one_step["parallel"], 0), 0)
     return host_copy(params), host_copy(metrics)
 
 
@@ -205,6 +208,16 @@ def test_sharded_step_equals_single_device_reference(tiny, one_step, shape):
         assert abs(float(metrics[k]) - float(one_step["metrics"][k])) <= 1e-5, k
 
 
+def test_batch_shapes_describe_the_host_batches(one_step):
+    """What a benchmark lowers the step with (trainer.batch_shapes) is what training feeds it."""
+    data, parallel = one_step["data"], one_step["parallel"]
+    host = batch_at(data, parallel, 0)
+    al = parallel.host_batch(0)["align_tokens"].shape
+    want = batch_shapes(16, 2, data.length, precomputed="ref_logps" in host, align_rows=al[0], align_length=al[1])
+    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in host.items()} == \
+           {k: (v.shape, np.dtype(v.dtype)) for k, v in want.items()}
+
+
 def test_precomputed_and_per_step_reference_give_the_same_losses(tiny, pairs_file):
     """Three steps each; losses, z_ref and margins agree within 1e-6, params within 1e-6 (float32)."""
     results = {}
@@ -216,9 +229,8 @@ def test_precomputed_and_per_step_reference_give_the_same_losses(tiny, pairs_fil
         if mode == "precomputed":
             data.ref_logps, data.ref_kl_logps = reference_logps(trainer, lm.params, data)
         else:
-            ref = jax.tree.map(jnp.copy, lm.params)
-        params = jax.tree.map(jnp.copy, lm.params)
-        opt = trainer.init_opt_state(params)
+            ref = lm.params  # frozen: init_state copies, so the steps never donate it
+        params, opt = trainer.init_state(lm.params)
         rows = []
         for s in range(3):
             params, opt, m = trainer.step(params, opt, batch_at(data, parallel, s), s, ref)
@@ -396,3 +408,177 @@ def test_baseline_items_are_lasa_items_without_the_prefix(pairs_file):
     assert strip(lasa) == strip(base)
     assert b.lambda_align == 0.0 and c.align.lambda_align == 0.5  # the run's config is untouched
     assert b.learning_rate == c.align.learning_rate and b.epochs == c.align.epochs
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+# The paper's learning rate with its configs' dtype flags (bf16 weights and compute): an update
+# of ~1e-6 is ~1/100 of a bf16 step for a weight of size ~0.02, so only float32 masters keep it.
+PAPER = dict(learning_rate=1e-6, warmup_steps=0, max_steps=6, checkpoint_every=2, keep_checkpoints=2,
+             async_checkpoints=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny, tmp_path_factory):
+    """The tiny checkpoint stored in bf16 (as the paper models are), so a float32 run starts
+    from exactly the weights a bf16 run does."""
+    out = str(tmp_path_factory.mktemp("tiny_bf16") / "model")
+    load_model(tiny).save(out, dtype="bfloat16")
+    return out
+
+
+def _final_params(workdir, stage="align"):
+    import orbax.checkpoint as ocp
+    mngr = ocp.CheckpointManager(os.path.join(workdir, stage, "checkpoints"), item_names=("state", "meta"))
+    state = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mngr.close()
+    return jax.tree.map(np.asarray, state["params"])
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)]).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tiny_bf16, pairs_file, tmp_path_factory):
+    """bf16 weights and compute, default master dtype, lr 1e-6, 6 steps, uninterrupted."""
+    workdir = tmp_path_factory.mktemp("bf16")
+    summary = train.run(Context(make_config(workdir, tiny_bf16, pairs_file, dtype="bfloat16", **PAPER)))
+    return str(workdir), summary
+
+
+def test_bf16_run_at_lr_1e6_moves_the_masters_like_float32(tiny_bf16, pairs_file, bf16_run, tmp_path):
+    """Same start (a bf16 checkpoint), same data, 6 steps at lr 1e-6. float32 run: weights and
+    compute float32. The bf16 run's update must touch >= 95 % of the entries the float32 run's
+    does, with cosine >= 0.9 to it; bf16 masters (the old behaviour) must not (< 50 %)."""
+    workdir, summary = bf16_run
+    assert summary["precision"] == {"master": "float32", "optimizer_state": "float32", "compute": "bfloat16",
+                                    "gradient_accumulation": "float32", "reference": "bfloat16",
+                                    "export": "bfloat16"}
+    assert {(r["master_dtype"], r["compute_dtype"]) for r in _metrics(workdir)} == {("float32", "bfloat16")}
+    start = _flat(host_copy(load_model(tiny_bf16).params))  # bf16 values, exactly, in float32
+    f32_dir = tmp_path / "f32"
+    train.run(Context(make_config(f32_dir, tiny_bf16, pairs_file, dtype="float32", export=False, **PAPER)))
+    d32 = _flat(_final_params(str(f32_dir))) - start
+    d16 = _flat(_final_params(workdir)) - start
+    moved = d32 != 0
+    assert moved.mean() > 0.5  # unused embedding rows get no gradient in either run
+    assert (d16[moved] != 0).mean() >= 0.95
+    cosine = d16 @ d32 / (np.linalg.norm(d16) * np.linalg.norm(d32))
+    assert cosine >= 0.9, cosine
+    old_dir = tmp_path / "bf16_masters"
+    train.run(Context(make_config(old_dir, tiny_bf16, pairs_file, dtype="bfloat16", export=False,
+                                  master_dtype="bfloat16", **PAPER)))
+    d_old = _flat(_final_params(str(old_dir))) - start
+    assert (d_old[moved] != 0).mean() < 0.5
+
+
+def test_bf16_export_is_the_masters_rounded_once(bf16_run):
+    """align/hf is written in the checkpoint's own dtype (bf16) from the float32 masters: every
+    exported weight equals torch's round-to-nearest-even bf16 of the master. Exact."""
+    import torch
+    from safetensors import safe_open
+    workdir, summary = bf16_run
+    hf = os.path.join(workdir, "align", "hf")
+    with open(os.path.join(hf, "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+    with safe_open(os.path.join(hf, "model.safetensors"), framework="numpy") as h:
+        assert {h.get_slice(k).get_dtype() for k in h.keys()} == {"BF16"}
+    masters = _final_params(workdir)
+    rounded = jax.tree.map(lambda m: torch.from_numpy(np.array(m)).to(torch.bfloat16).float().numpy(), masters)
+    exported = host_copy(load_model(hf).params)  # read back in float32 (exact for bf16)
+    assert max_diff(masters, rounded) > 0  # the masters hold more than bf16 does
+    assert max_diff(exported, rounded) == 0
+
+
+def test_killed_bf16_run_resumes_to_the_same_masters(tiny_bf16, pairs_file, tmp_path, bf16_run, compile_cache):
+    """bf16 compute, float32 masters, lr 1e-6: SIGKILL after the second checkpoint, resume.
+    The Orbax checkpoint holds the float32 masters and moments, so the final masters equal the
+    uninterrupted run's bit for bit (a bf16 checkpoint would lose every update since the last
+    bf16 step)."""
+    ref_dir, _ = bf16_run
+    c = make_config(tmp_path, tiny_bf16, pairs_file, dtype="bfloat16", **PAPER)
+    killed = _subprocess(compile_cache, c, kill_at=4)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = _subprocess(compile_cache, c)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["resumed_from"] in (2, 4)
+    got, want = _final_params(str(tmp_path)), _final_params(ref_dir)
+    assert {x.dtype for x in jax.tree.leaves(got)} == {np.dtype(np.float32)}
+    assert max_diff(got, want) == 0
+    assert [r["loss"] for r in _metrics(str(tmp_path))] == [r["loss"] for r in _metrics(ref_dir)]
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _alive(refs) -> int:
+    return sum(r() is not None for r in refs)
+
+
+def test_feature_stages_model_is_freed_before_align_loads(tiny, pairs_file, tmp_path, monkeypatch):
+    """The base model the feature stages used (its jitted feature function compiled, as stage 1
+    leaves it) holds no device buffer once align loads its own copy, by reference counting
+    alone (the garbage collector is off: a reference cycle would keep the weights)."""
+    ctx = Context(make_config(tmp_path, tiny, pairs_file, max_steps=1, checkpoint_every=1, export=False))
+    base = ctx.base
+    tokens, mask = base.encode(["Hello there"])
+    base.features(tokens, mask, layers=[1])
+    refs = [weakref.ref(x) for x in jax.tree.leaves(base.params)]
+    del base
+    seen = []
+    real_load = Context.load
+
+    def load(self, path=None, stage="features"):
+        if stage == "align":
+            seen.append(_alive(refs))
+        return real_load(self, path, stage)
+
+    monkeypatch.setattr(Context, "load", load)
+    gc.disable()
+    try:
+        train.run(ctx)
+    finally:
+        gc.enable()
+    assert seen == [0] and len(refs) > 0
+
+
+def test_resume_restores_without_the_base_weights(tiny, pairs_file, tmp_path, monkeypatch):
+    """A resume with a precomputed reference: when the checkpoint is restored, none of the base
+    weights align loaded is alive (the masters come from the checkpoint alone). The garbage
+    collector is off, so only real references count."""
+    c = make_config(tmp_path, tiny, pairs_file, max_steps=4, checkpoint_every=2, export=False,
+                    async_checkpoints=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash(step, mngr):
+        if step == 2:
+            raise Crash  # the run dies after its first checkpoint
+
+    monkeypatch.setattr(train, "_after_checkpoint", crash)
+    with pytest.raises(Crash):
+        train.run(Context(c))
+    monkeypatch.setattr(train, "_after_checkpoint", lambda step, mngr: None)
+
+    refs, seen = [], []
+    real_load, real_restore = Context.load, train.checkpoints.restore
+
+    def load(self, path=None, stage="features"):
+        lm = real_load(self, path, stage)
+        if stage == "align":
+            refs.extend(weakref.ref(x) for x in jax.tree.leaves(lm.params))
+        return lm
+
+    def restore(*args, **kw):
+        seen.append(_alive(refs))
+        return real_restore(*args, **kw)
+
+    monkeypatch.setattr(Context, "load", load)
+    monkeypatch.setattr(train.checkpoints, "restore", restore)
+    gc.disable()
+    try:
+        summary = train.run(Context(c))
+    finally:
+        gc.enable()
+    assert summary["resumed_from"] == 2 and seen == [0] and len(refs) > 0

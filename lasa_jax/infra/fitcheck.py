@@ -6,10 +6,24 @@ All terms are bytes per device. Sharding follows the project's mesh (axes data, 
 parameters and optimizer state are split over fsdp*tensor and replicated over data; the batch is
 split over data*fsdp; attention heads, the MLP width and the vocabulary are split over tensor.
 
-Activation model (c = bytes of the compute dtype, tok = per-device tokens = B/(data*fsdp) * T,
-q = heads*head_dim/tensor, kv = kv_heads*head_dim/tensor, f = intermediate/tensor, V/tensor,
-S = B/(data*fsdp) * heads/tensor * T^2 attention-score elements, XLA attention). As in
-lasa_jax.sharding, a dimension that tensor does not divide is replicated, not split:
+Align (Latent KTO, ``lasa_jax.method.trainer``) holds, per device (N = parameters,
+P = fsdp*tensor, m / c / p = bytes of the master / compute / param dtype):
+
+- master_params N*m/P and optimizer 2*N*m/P (AdamW moments take the masters' dtype), and for
+  ``reference = "per_step"`` reference_params N*p/P (plus, under FSDP, its embedding and head
+  gathered whole); the base model itself is released before training;
+- then the larger of two phases. Forward/backward of a micro-batch: compute_params N*c/P (the
+  masters cast once per step; absent when c is the master dtype), gradients N*c/P, with
+  grad_accum > 1 a float32 gradient_accumulator N*4/P, the saved activations (below) and the
+  larger transient working set of the loss (three float32 (b, T, V/tensor) arrays: logits,
+  softmax, gradient; under FSDP the LM head gathered whole) or of one decoder layer (the "none"
+  term below; under FSDP the layer's gathered weights). The update: the float32 gradients it
+  reads (the accumulator, or one micro-batch's gradients and their float32 cast).
+
+Activation model (tok = per-device tokens of one micro-batch = b*T with
+b = B/(grad_accum*data*fsdp), q = heads*head_dim/tensor, kv = kv_heads*head_dim/tensor,
+f = intermediate/tensor, S = b * heads/tensor * T^2 attention-score elements, XLA attention). As
+in lasa_jax.infra.mesh, a dimension that tensor does not divide is replicated, not split:
 
 - saved per decoder layer for the backward pass (align only), by remat policy
     none : tok*(6d + 3q + 3kv + 5f)*c + S*(4+c)  (residual, two norms' normalised and scaled
@@ -19,19 +33,16 @@ lasa_jax.sharding, a dimension that tensor does not divide is replicated, not sp
     dots_no_batch : tok*(3d + q + 2kv + 2f)*c (projections only; attention's batched matmuls
            QK^T and PV are recomputed)
     full : tok*d*c                             (only the scanned layer's input)
-- workspace: one layer's full working set (the "none" term), live while a layer runs forward,
-  is recomputed, or is differentiated.
-- logits for the loss (align): (B/(data*fsdp), T, V/tensor) float32, twice (logits and their
-  gradient are live together).
+- workspace (other stages): one layer's full working set (the "none" term).
 - KV cache (generate): 2 * layers * B/(data*fsdp) * cache_len * kv * c.
 
 Parameters are counted as num_params * bytes / (fsdp*tensor); the few replicated vectors (norm
 scales) and, when tensor exceeds the KV heads, the replicated K/V projections are a rounding
-error next to that. Not counted: XLA temporaries beyond one layer, fragmentation, the runtime's own reservation.
-That is what ``headroom`` (default: use 90 % of the device) is for. The estimate is meant to
-rank meshes and catch runs that cannot fit, not to predict the allocator to the byte. On CPU,
-XLA's own buffer assignment for a small float32 model (tests/test_fitcheck.py) lands within
-about 25 % of these activation terms for every remat policy.
+error next to that. The terms model the bytes live at the peak; XLA's buffer assignment packs
+them with some fragmentation, and the runtime reserves memory of its own: that is what
+``headroom`` (default: use 90 % of the device) is for. Cross-checked against XLA's own
+``memory_analysis()`` of the compiled align step (tests/test_fitcheck.py; the 7 paper models in
+bench/align_memory.py and bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -94,6 +105,9 @@ class Estimate:
     mesh_shape: dict[str, int]
     settings: dict[str, Any]
     breakdown: dict[str, float]
+    # align: the terms of each phase ("backward": forward and backward of a micro-batch,
+    # "update": the optimizer step); ``breakdown`` holds those of the larger one.
+    phases: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> float:
@@ -120,8 +134,8 @@ class Estimate:
                 f"({self.num_devices} device(s)), batch {s['batch_size']} x {s['seq_len']} "
                 f"tokens, params {s['param_dtype']}, compute {s['compute_dtype']}")
         if self.stage == "align":
-            head += (f", remat {s['remat']}, {s['optimizer']} state {s['opt_state_dtype']}, "
-                     f"reference {s['reference']}")
+            head += (f", masters and {s['optimizer']} state {s['master_dtype']}, remat {s['remat']}, "
+                     f"{s['grad_accum']} micro-batch(es), reference {s['reference']}")
         width = max(len(k) for k in [*self.breakdown, "total"])
         rows = [f"  {k:<{width}}  {v / GiB:9.2f} GiB" for k, v in self.breakdown.items()]
         rows.append(f"  {'total':<{width}}  {self.total / GiB:9.2f} GiB per device")
@@ -131,7 +145,7 @@ class Estimate:
 def estimate(model: Any, *, stage: str, mesh_shape: Mapping[str, int],
              param_dtype: str = "bfloat16", compute_dtype: str = "bfloat16",
              batch_size: int, seq_len: int, remat: str = "full", optimizer: str = "adamw",
-             opt_state_dtype: str = "float32", reference: str = "precomputed",
+             master_dtype: str = "float32", grad_accum: int = 1, reference: str = "precomputed",
              kv_cache_len: int | None = None, ssi_hidden: int | None = None) -> Estimate:
     """Bytes per device for ``stage`` of ``model`` (a ``lasa_jax.model.config.ModelConfig``) on
     ``mesh_shape`` (see the module docstring)."""
@@ -139,21 +153,23 @@ def estimate(model: Any, *, stage: str, mesh_shape: Mapping[str, int],
     _check_choice("remat", remat, REMAT_POLICIES)
     _check_choice("reference", reference, REFERENCES)
     _check_choice("optimizer", optimizer, tuple(_OPT_MOMENTS))
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"fitcheck: batch_size={batch_size} and seq_len={seq_len} must be >= 1")
+    if batch_size < 1 or seq_len < 1 or grad_accum < 1 or batch_size % grad_accum:
+        raise ValueError(f"fitcheck: batch_size={batch_size} and seq_len={seq_len} must be >= 1 and "
+                         f"batch_size divisible by grad_accum={grad_accum}")
     mesh = _check_mesh(mesh_shape)
     settings = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, batch_size=batch_size,
-                    seq_len=seq_len, remat=remat, optimizer=optimizer,
-                    opt_state_dtype=opt_state_dtype, reference=reference,
-                    kv_cache_len=kv_cache_len, ssi_hidden=ssi_hidden)
-    p_bytes, c, o_bytes = (dtype_bytes(param_dtype), dtype_bytes(compute_dtype),
-                           dtype_bytes(opt_state_dtype))
+                    seq_len=seq_len, remat=remat, optimizer=optimizer, master_dtype=master_dtype,
+                    grad_accum=grad_accum, reference=reference, kv_cache_len=kv_cache_len,
+                    ssi_hidden=ssi_hidden)
+    p_bytes, c, m_bytes = dtype_bytes(param_dtype), dtype_bytes(compute_dtype), dtype_bytes(master_dtype)
     t = mesh["tensor"]
     param_shards = mesh["fsdp"] * t
     n_params = model.num_params()
 
     d, T = model.hidden_size, seq_len
-    b = math.ceil(batch_size / (mesh["data"] * mesh["fsdp"]))
+    # Rows of one micro-batch on one device: align runs (and keeps activations of) one at a time.
+    rows = batch_size // grad_accum if stage == "align" else batch_size
+    b = math.ceil(rows / (mesh["data"] * mesh["fsdp"]))
     heads = _split(model.num_heads, t)
     q = heads * model.head_dim
     kv = _split(model.num_kv_heads, t) * model.head_dim
@@ -163,18 +179,52 @@ def estimate(model: Any, *, stage: str, mesh_shape: Mapping[str, int],
     scores = b * heads * T * T
     layer_all = tok * (6 * d + 3 * q + 3 * kv + 5 * f) * c + scores * (4 + c)
 
-    out: dict[str, float] = {"params": n_params * p_bytes / param_shards}
+    out: dict[str, float] = {}
+    phases: dict[str, dict[str, float]] = {}
     if stage == "align":
-        out["gradients"] = n_params * p_bytes / param_shards
-        out["optimizer"] = _OPT_MOMENTS[optimizer] * n_params * o_bytes / param_shards
+        # Mixed precision (lasa_jax.method.trainer): masters and moments in master_dtype, one cast
+        # of the masters to the compute dtype, gradients in the compute dtype, summed over
+        # micro-batches in float32. The base weights are released before training unless they
+        # are the per-step reference.
+        shard = n_params / param_shards
+        vocab_mats = 1 if model.tie_embeddings else 2
+        out["master_params"] = shard * m_bytes
+        out["optimizer"] = _OPT_MOMENTS[optimizer] * shard * m_bytes
         if reference == "per_step":
-            out["reference_params"] = n_params * p_bytes / param_shards
+            # The frozen reference in its own dtype; under FSDP XLA also keeps its embedding and
+            # LM head gathered for the reference forwards of every step.
+            out["reference_params"] = shard * p_bytes + (vocab_mats * vocab * d * p_bytes if mesh["fsdp"] > 1 else 0)
+        # The rest depends on the phase: forward and backward of a micro-batch, or the update.
+        backward: dict[str, float] = {}
+        if compute_dtype != master_dtype:
+            backward["compute_params"] = shard * c
+        backward["gradients"] = shard * c
+        if grad_accum > 1:
+            backward["gradient_accumulator"] = shard * 4
         saved = {"none": layer_all,
                  "dots": tok * (3 * d + 2 * q + 2 * kv + 2 * f) * c + scores * c,
                  "dots_no_batch": tok * (3 * d + q + 2 * kv + 2 * f) * c,
                  "full": tok * d * c}[remat]
-        out["saved_activations"] = float(model.num_layers * saved)
-        out["logits"] = float(2 * tok * vocab * 4)
+        backward["saved_activations"] = float(model.num_layers * saved)
+        # The larger transient working set of the loss (float32 logits, softmax and gradient;
+        # under FSDP the LM head gathered whole, split only by tensor) and of one decoder layer
+        # (its full working set; under FSDP its gathered weights).
+        fsdp = mesh["fsdp"] > 1
+        layer_params = (n_params - model.vocab_size * d * vocab_mats) / model.num_layers
+        loss_set = 3 * tok * vocab * 4 + (vocab * d * c if fsdp else 0)
+        layer_set = layer_all + (layer_params / t * c if fsdp else 0)
+        if loss_set >= layer_set:
+            backward["loss_working_set"] = float(loss_set)
+        else:
+            backward["layer_working_set"] = float(layer_set)
+        # The update reads float32 gradients: the accumulator, or one micro-batch's gradients
+        # and their float32 cast.
+        update = {"gradient_accumulator": shard * 4} if grad_accum > 1 else \
+            {"gradients": shard * c, **({"gradients_float32": shard * 4} if compute_dtype != "float32" else {})}
+        phases = {"backward": backward, "update": update}
+        out.update(max(backward, update, key=lambda terms: sum(terms.values())))
+    else:
+        out["params"] = n_params * p_bytes / param_shards
     if stage == "ssi":
         h = ssi_hidden or d
         probe = d * h + h + 2 * h + h + 1  # Linear(d,H), LayerNorm(H), Linear(H,1)
@@ -183,8 +233,10 @@ def estimate(model: Any, *, stage: str, mesh_shape: Mapping[str, int],
         cache = kv_cache_len or seq_len
         out["kv_cache"] = float(2 * model.num_layers * b * cache * kv * c)
         out["logits"] = float(b * vocab * 4)
-    out["workspace"] = float(layer_all)
-    return Estimate(model=model, stage=stage, mesh_shape=mesh, settings=settings, breakdown=out)
+    if stage != "align":
+        out["workspace"] = float(layer_all)
+    return Estimate(model=model, stage=stage, mesh_shape=mesh, settings=settings, breakdown=out,
+                    phases=phases)
 
 
 def _split(dim: int, n: int) -> int:

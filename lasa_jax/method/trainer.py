@@ -1,7 +1,15 @@
 """The Latent-KTO training step on a device mesh, and the reference model's log-probs.
 
-* ``Trainer``: one jitted, sharded step (params and AdamW state sharded like the parameters,
-  donated; batch split over data x fsdp; gradient accumulation by ``lax.scan``).
+* ``Trainer``: one jitted, sharded step (master weights and AdamW state sharded like the
+  parameters, donated; batch split over data x fsdp; gradient accumulation by ``lax.scan``).
+  Mixed precision as large-model stacks do it: the trainer owns *master* weights in
+  ``align.master_dtype`` (float32 by default) and AdamW moments of the same dtype; each step casts
+  the masters to the compute dtype (``model.dtype``, bf16 on accelerators) once, runs forward and
+  backward on that copy, accumulates micro-batch gradients in float32 and applies the update to
+  the masters. A bf16 weight cannot take an update of lr 1e-6 (a bf16 step near 0.02 is 1.2e-4),
+  a float32 one can.
+* ``Trainer.lower``: the same step lowered for shapes only (``jax.ShapeDtypeStruct``), so a
+  benchmark or test can compile it and read XLA's memory analysis without allocating weights.
 * ``reference_logps``: the frozen reference's log-probs for every item and every step's KL pairs,
   computed once before training (``config.align.reference = "precomputed"``); the alternative
   ``"per_step"`` recomputes them every step from a frozen copy of the initial params.
@@ -21,6 +29,8 @@ from lasa_jax.infra.multihost import show_progress, to_host
 from lasa_jax.method.kto import alignment_loss, completion_logps, kto_loss
 from lasa_jax.method.kto_data import KTOBatches
 from lasa_jax.model.checkpoint import flatten, unflatten
+from lasa_jax.model.lm import LanguageModel, as_dtype
+from lasa_jax.model.transformer import param_specs
 
 BATCH_AXES = ("data", "fsdp")
 # Dense bf16 peak FLOP/s per chip, matched by substring of ``device.device_kind`` (first match).
@@ -84,19 +94,60 @@ def put_host_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     return out
 
 
-def _tree_cast(tree, like):
-    return jax.tree.map(lambda g, p: g.astype(p.dtype), tree, like)
+def _tree_cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def batch_shapes(batch_size: int, grad_accum: int, length: int, *, precomputed: bool = True,
+                 align_rows: int = 0, align_length: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of one host batch as ``KTOBatches.host_batch`` (+ ``AlignBatches``) builds
+    it: (grad_accum, batch_size / grad_accum, length) arrays, and (rows, length) for the
+    alignment term's parallel prompts when ``align_rows``."""
+    a, b = grad_accum, batch_size // grad_accum
+    S = jax.ShapeDtypeStruct
+    out = {"tokens": S((a, b, length), jnp.int32), "mask": S((a, b, length), jnp.bool_),
+           "loss_mask": S((a, b, length), jnp.bool_), "kl_tokens": S((a, b, length), jnp.int32),
+           "kl_mask": S((a, b, length), jnp.bool_), "kl_loss_mask": S((a, b, length), jnp.bool_),
+           "desirable": S((a, b), jnp.bool_), "valid": S((a, b), jnp.bool_)}
+    if precomputed:
+        out.update(ref_logps=S((a, b), jnp.float32), ref_kl_logps=S((a, b), jnp.float32))
+    if align_rows:
+        out.update(align_tokens=S((align_rows, align_length), jnp.int32),
+                   align_mask=S((align_rows, align_length), jnp.bool_),
+                   align_groups=S((align_rows,), jnp.int32), align_valid=S((align_rows,), jnp.bool_))
+    return out
+
+
+def abstract_model(cfg, mesh, *, dtype: str = "bfloat16", param_dtype: str = "bfloat16",
+                   remat: str = "none", attention_impl: str | None = None) -> LanguageModel:
+    """A ``LanguageModel`` whose params are ``jax.ShapeDtypeStruct`` leaves: enough to build a
+    ``Trainer`` and ``lower`` its step for a model of any size without allocating it."""
+    params = unflatten({path: jax.ShapeDtypeStruct(shape, as_dtype(param_dtype))
+                        for path, (shape, _) in param_specs(cfg).items()})
+    return LanguageModel(cfg, params, mesh=mesh, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                         attention_impl=attention_impl)
+
+
+def _dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
 
 
 class Trainer:
-    """The jitted, sharded Latent-KTO step for one model, optimiser and batch layout."""
+    """The jitted, sharded Latent-KTO step for one model, optimiser and batch layout.
+
+    State: float32 (``acfg.master_dtype``) master weights and AdamW moments, both sharded like the
+    model's parameters; the model's own params (``model.param_dtype``) are only the start point
+    (``init_state``) and, for ``reference = "per_step"``, the frozen reference."""
 
     def __init__(self, lm, acfg, *, total_steps: int, per_step_reference: bool,
                  lambda_align: float = 0.0, align_layer: int | None = None):
         if lm.mesh is None:
             raise ValueError("Trainer: the model must be placed on a mesh (load it with mesh=...)")
-        # Only the module and mesh are kept: the params given here get donated to the step.
+        # Only the module, mesh and shapes are kept: the trainer owns its masters, and the
+        # model's params may be abstract (``abstract_model``).
         self.mesh, self.module = lm.mesh, lm.module
+        self.compute_dtype, self.reference_dtype = jnp.dtype(lm.dtype), jnp.dtype(lm.param_dtype)
+        self.master_dtype = jnp.dtype(as_dtype(acfg.master_dtype))
         self.tx, self.schedule = make_optimizer(acfg, total_steps)
         self.per_step_reference = per_step_reference
         self.lambda_align = float(lambda_align)
@@ -104,12 +155,29 @@ class Trainer:
         self.kto_kw = dict(beta=float(acfg.beta), desirable_weight=float(acfg.desirable_weight),
                            undesirable_weight=float(acfg.undesirable_weight))
         self.param_shardings = lm.param_shardings
-        abstract_opt = jax.eval_shape(self.tx.init, lm.params)
+        shaped = lambda dtype: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s),
+                                            lm.params, self.param_shardings)
+        self.abstract_masters = shaped(self.master_dtype)
+        self.abstract_reference = shaped(self.reference_dtype)
+        abstract_opt = jax.eval_shape(self.tx.init, self.abstract_masters)
         self.opt_shardings = _opt_shardings(abstract_opt, lm.params, self.param_shardings, self.mesh)
+        self.abstract_opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                               abstract_opt, self.opt_shardings)
+        # Always a fresh buffer, even when the dtypes agree: the step donates the masters, and
+        # the params they start from may still serve as the frozen reference.
+        self._masters = jax.jit(lambda p: jax.tree.map(lambda x: jnp.array(x, self.master_dtype, copy=True), p),
+                                out_shardings=self.param_shardings)
         self._init_opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
         self._logps = jax.jit(self._completion_logps)
-        self._step = None
+        self._steps: dict = {}
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lm.params))
+
+    @property
+    def precision(self) -> dict[str, str]:
+        """The mixed-precision policy, as recorded in metrics and summaries."""
+        return {"master": _dtype_name(self.master_dtype), "optimizer_state": _dtype_name(self.master_dtype),
+                "compute": _dtype_name(self.compute_dtype), "gradient_accumulation": "float32",
+                "reference": _dtype_name(self.reference_dtype)}
 
     # --------------------------------------------------------------- pieces
     def _completion_logps(self, params, tokens, mask, loss_mask):
@@ -127,8 +195,11 @@ class Trainer:
         return alignment_loss(h, batch["align_groups"], batch["align_valid"],
                               num_groups=h.shape[0])
 
-    def _train_step(self, params, opt_state, batch, lr, ref_params=None):
+    def _train_step(self, masters, opt_state, batch, lr, ref_params=None):
         f32 = jnp.float32
+        # The one place the masters become compute weights: forward, backward, KL pairs and the
+        # alignment term all run on this copy; gradients are taken with respect to it.
+        params = _tree_cast(masters, self.compute_dtype)
         # The KL pairs only set the reference point z_ref, which carries no gradient (as in TRL).
         pol_kl = jax.lax.stop_gradient(
             self._micro_logps(params, batch["kl_tokens"], batch["kl_mask"], batch["kl_loss_mask"]))
@@ -152,14 +223,23 @@ class Trainer:
                                valid=mb["valid"], **self.kto_kw)
             return loss * jnp.sum(mb["valid"]) / n_valid, logps
 
-        def body(acc, mb):
+        def grads_of(mb):  # gradients in the compute dtype, handed on as float32
             (_, logps), g = jax.value_and_grad(micro_loss, has_aux=True)(params, mb)
-            return jax.tree.map(lambda a, b: a + b.astype(f32), acc, g), logps
+            return jax.tree.map(lambda x: x.astype(f32), g), logps
 
         micro = {"tokens": batch["tokens"], "mask": batch["mask"], "loss_mask": batch["loss_mask"],
                  "ref": ref, "desirable": batch["desirable"], "valid": valid}
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), params)
-        grads, pol = jax.lax.scan(body, zeros, micro)
+        if batch["tokens"].shape[0] == 1:
+            # One micro-batch: no accumulator buffer, its gradients go to the update in float32.
+            grads, pol = grads_of(jax.tree.map(lambda x: x[0], micro))
+            pol = pol[None]
+        else:
+            def body(acc, mb):  # the float32 sum over micro-batches
+                g, logps = grads_of(mb)
+                return jax.tree.map(jnp.add, acc, g), logps
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), masters)
+            grads, pol = jax.lax.scan(body, zeros, micro)
         flat = lambda x: x.reshape(-1)
         kto, metrics = kto_loss(flat(pol), flat(ref), flat(pol_kl), flat(ref_kl), flat(batch["desirable"]),
                                 valid=flat(valid), **self.kto_kw)
@@ -168,42 +248,66 @@ class Trainer:
             align, g_align = jax.value_and_grad(self._align_loss)(params, batch)
             grads = jax.tree.map(lambda a, b: a + self.lambda_align * b.astype(f32), grads, g_align)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = self.tx.update(_tree_cast(grads, params), opt_state, params)
-        params = optax.apply_updates(params, jax.tree.map(lambda u: lr.astype(u.dtype) * u, updates))
-        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
+        # AdamW and the update in the master dtype: lr * u of 1e-6 survives in float32 weights.
+        updates, opt_state = self.tx.update(_tree_cast(grads, self.master_dtype), opt_state, masters)
+        masters = optax.apply_updates(masters, jax.tree.map(lambda u: lr.astype(u.dtype) * u, updates))
+        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(masters)]))
         metrics = {**metrics, "loss": kto + self.lambda_align * align, "kto_loss": kto, "align_loss": align,
                    "grad_norm": grad_norm, "params_finite": finite}
-        return params, opt_state, metrics
+        return masters, opt_state, metrics
 
-    def _compile(self, batch):
-        bsh = {k: NamedSharding(self.mesh, _batch_spec(k, v.ndim)) for k, v in batch.items()}
-        rep = shd.replicated(self.mesh)
-        in_sh = (self.param_shardings, self.opt_shardings, bsh, rep)
-        fn = self._train_step
-        if self.per_step_reference:
-            in_sh = in_sh + (self.param_shardings,)
-        else:
-            fn = lambda p, o, b, lr: self._train_step(p, o, b, lr)
-        return jax.jit(fn, in_shardings=in_sh, out_shardings=(self.param_shardings, self.opt_shardings, rep),
-                       donate_argnums=(0, 1))
+    def _batch_shardings(self, batch) -> dict:
+        return {k: NamedSharding(self.mesh, _batch_spec(k, len(v.shape))) for k, v in batch.items()}
+
+    def step_fn(self, batch):
+        """The jitted step for batches shaped like ``batch`` (arrays or ShapeDtypeStructs):
+        ``(masters, opt_state, batch, lr[, ref_params]) -> (masters, opt_state, metrics)``,
+        masters and optimizer state donated."""
+        key = tuple(sorted((k, len(v.shape)) for k, v in batch.items()))
+        if key not in self._steps:
+            rep = shd.replicated(self.mesh)
+            in_sh = (self.param_shardings, self.opt_shardings, self._batch_shardings(batch), rep)
+            fn = self._train_step
+            if self.per_step_reference:
+                in_sh = in_sh + (self.param_shardings,)
+            else:
+                fn = lambda p, o, b, lr: self._train_step(p, o, b, lr)
+            self._steps[key] = jax.jit(fn, in_shardings=in_sh,
+                                       out_shardings=(self.param_shardings, self.opt_shardings, rep),
+                                       donate_argnums=(0, 1))
+        return self._steps[key]
+
+    def abstract_inputs(self, batch: dict) -> tuple:
+        """ShapeDtypeStructs (with shardings) of every argument of ``step_fn(batch)``."""
+        shardings = self._batch_shardings(batch)
+        b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in batch.items()}
+        lr = jax.ShapeDtypeStruct((), jnp.float32, sharding=shd.replicated(self.mesh))
+        args = (self.abstract_masters, self.abstract_opt_state, b, lr)
+        return args + ((self.abstract_reference,) if self.per_step_reference else ())
+
+    def lower(self, batch: dict):
+        """The step lowered for shapes only; ``.compile().memory_analysis()`` is XLA's account of
+        its per-device memory. Nothing is allocated."""
+        return self.step_fn(batch).lower(*self.abstract_inputs(batch))
 
     # --------------------------------------------------------------- public
-    def init_opt_state(self, params):
-        return self._init_opt(params)
+    def init_state(self, params):
+        """Master weights (a fresh copy of ``params`` in the master dtype, sharded like them) and
+        the optimizer state for them. ``params`` are not consumed."""
+        masters = self._masters(params)
+        return masters, self._init_opt(masters)
 
-    def step(self, params, opt_state, host_batch: dict[str, np.ndarray], step: int, ref_params=None):
+    def step(self, masters, opt_state, host_batch: dict[str, np.ndarray], step: int, ref_params=None):
         """Optimiser step number ``step`` (0-based, sets the learning rate). Consumes (donates)
-        ``params`` and ``opt_state``."""
+        ``masters`` and ``opt_state``."""
         if self.per_step_reference != (ref_params is not None):
             raise ValueError("Trainer.step: pass ref_params exactly when the reference is per-step")
         if not self.per_step_reference and "ref_logps" not in host_batch:
             raise ValueError("Trainer.step: precomputed reference log-probs missing from the batch")
         batch = put_host_batch(host_batch, self.mesh)
-        if self._step is None:
-            self._step = self._compile(batch)
         lr = np.asarray(float(self.schedule(step)), np.float32)
-        args = (params, opt_state, batch, lr) + ((ref_params,) if self.per_step_reference else ())
-        return self._step(*args)
+        args = (masters, opt_state, batch, lr) + ((ref_params,) if self.per_step_reference else ())
+        return self.step_fn(batch)(*args)
 
     def logps(self, params, tokens, mask, loss_mask) -> np.ndarray:
         """(B,) completion log-probs of one (B, T) batch; B a multiple of the batch-parallel size."""

@@ -184,6 +184,19 @@ class SafetensorsIndex:
         return safe_open(file, framework="numpy")
 
 
+def stored_dtype(path: str) -> str:
+    """The dtype a checkpoint stores its weights in ("bfloat16", "float32" or "float16"): that of
+    most of its parameters (a few float32 norm scales in a bf16 checkpoint do not count)."""
+    index = SafetensorsIndex(path)
+    sizes: dict[str, int] = {}
+    for name, code in index.dtype.items():
+        if code in _HF_DTYPES and code != "F64":
+            sizes[code] = sizes.get(code, 0) + int(np.prod(index.shape[name]))
+    if not sizes:
+        raise CheckpointError(f"{path}: no floating-point weights")
+    return np.dtype(_HF_DTYPES[max(sizes, key=sizes.get)]).name
+
+
 def expected_tensors(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, str, int | None, tuple]]:
     """HF name -> (our path, transform, layer or None, HF shape) for a param tree's shapes."""
     out = {}

@@ -191,17 +191,24 @@ class LanguageModel:
             return tuple(jnp.asarray(a) for a in arrays)
         return tuple(shd.put_array(a, self.mesh) for a in arrays)
 
+    # The jitted functions close over the module, not ``self``: a closure over ``self`` stored in
+    # ``self`` is a reference cycle, which keeps a dropped model's weights on the device until the
+    # garbage collector happens to run.
     @functools.cached_property
     def _logits_fn(self):
+        module = self.module
+
         def fn(params, tokens, mask):
-            return self.module.apply({"params": params}, tokens, mask).logits
+            return module.apply({"params": params}, tokens, mask).logits
         return jax.jit(fn)
 
     @functools.cached_property
     def _features_fn(self):
+        module = self.module
+
         def fn(params, tokens, mask, layers):
-            _, state = self.module.apply({"params": params}, tokens, mask, capture="last",
-                                         return_logits=False, mutable=["intermediates"])
+            _, state = module.apply({"params": params}, tokens, mask, capture="last",
+                                    return_logits=False, mutable=["intermediates"])
             hidden = state["intermediates"]["hidden_states"][0]  # (L+1, B, d)
             return hidden[jnp.asarray(layers)].astype(jnp.float32)
         return jax.jit(fn, static_argnums=3)

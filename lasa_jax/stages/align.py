@@ -16,7 +16,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -28,9 +27,11 @@ from lasa_jax.infra.mesh import batch_multiple
 from lasa_jax.method.gate import load_for_model, ssi_verdicts
 from lasa_jax.method.kto_data import DEFAULT_SOURCE_PROBS, AlignBatches, KTOBatches, KTOItem, pairs_to_items
 from lasa_jax.method.trainer import Trainer, peak_flops, reference_logps
-from lasa_jax.model.checkpoint import weights_digest
+from lasa_jax.model.checkpoint import stored_dtype, weights_digest
 
 log = logging.getLogger("lasa_jax")
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def run(ctx) -> dict:
@@ -189,6 +190,9 @@ def train(ctx, stage: str = "align") -> dict:
     a = c.align if stage == "align" else baseline_align_config(c.align)
     if a.reference not in ("precomputed", "per_step"):
         raise ConfigError(f"config.align.reference must be 'precomputed' or 'per_step', got {a.reference!r}")
+    for field in ("master_dtype", "export_dtype"):
+        if a[field] not in FLOAT_DTYPES + (("",) if field == "export_dtype" else ()):
+            raise ConfigError(f"config.align.{field}={a[field]!r}: expected one of {list(FLOAT_DTYPES)}")
     out_dir = ctx.stage_dir(stage)
     pairs = inputs.kto_data(c)
     pairs_path = c.data.kto_pairs
@@ -225,11 +229,11 @@ def train(ctx, stage: str = "align") -> dict:
     total = data.total_steps
     trainer = Trainer(lm, a, total_steps=total, per_step_reference=a.reference == "per_step",
                       lambda_align=a.lambda_align, align_layer=layer)
-    base_params = lm.params
-    lm = lm.with_params(None)  # its buffers become the policy's, which every step donates
+    base_params = lm.params  # model.param_dtype: the start point and the frozen reference
+    lm = lm.with_params(None)
     model_key = _model_key(lm)
     run_key = {"data": data.key, "model": model_key, "total_steps": total, "lambda_align": float(a.lambda_align),
-               "align_layer": layer}
+               "align_layer": layer, "master_dtype": trainer.precision["master"]}
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     mngr = checkpoints.manager(ckpt_dir, keep=a.keep_checkpoints, async_save=a.async_checkpoints)
     newest = checkpoints.newest_meta(mngr)
@@ -240,27 +244,23 @@ def train(ctx, stage: str = "align") -> dict:
         ref_path = cached_reference(trainer, base_params, data, out_dir, model_key, progress=c.progress)
 
     start, latest = 0, None
-    abstract = _abstract_state(trainer, base_params)
-    if mngr.all_steps() and a.reference == "precomputed":
-        base_params = None  # a resumed run needs only the restored copy: free the base one first
-    # The newest step that restores; an unreadable newer one is reported and moved aside.
-    restored = checkpoints.restore_latest(mngr, abstract, what=f"{stage} checkpoint")
-    if restored is None:
-        params, opt_state = base_params, trainer.init_opt_state(base_params)
-    else:
-        latest, state, meta = restored
+    ref_params = base_params if a.reference == "per_step" else None
+    resuming = multihost.on_primary(lambda: bool(mngr.all_steps()))  # the same decision everywhere
+    params, opt_state = (None, None) if resuming else trainer.init_state(base_params)
+    # With a precomputed reference nothing else holds the base weights: they are freed here, so
+    # training (and a restore) never has them beside the masters.
+    del base_params
+    if resuming:
+        # The newest step that restores; an unreadable newer one is reported and moved aside.
+        latest, state, meta = checkpoints.restore_latest(mngr, _abstract_state(trainer), what=f"{stage} checkpoint")
         _check_run_key(ckpt_dir, latest, meta, run_key)
         params, opt_state = state["params"], state["opt_state"]
         start = int(state["step"])
         log.info("%s: resuming from step %d of %d (%s)", stage, start, total, ckpt_dir)
-    ref_params = None
-    if a.reference == "per_step":
-        # A fresh run trains the base buffers themselves (donated), so the reference is a copy.
-        ref_params = base_params if start else jax.jit(
-            lambda p: jax.tree.map(jnp.copy, p), out_shardings=trainer.param_shardings)(base_params)
-    del base_params
 
     metrics_log = _MetricsLog(out_dir, start, bool(a.tensorboard))
+    export_dtype = a.export_dtype or stored_dtype(lm.path)
+    precision = {**trainer.precision, "export": export_dtype}
     peak = peak_flops(list(lm.mesh.devices.flat))
     last_good = latest
     last_row: dict = {}
@@ -289,7 +289,8 @@ def train(ctx, stage: str = "align") -> dict:
                 raise NonFiniteLoss(f"non-finite loss at step {s + 1}; last good checkpoint: {where} "
                                     f"(loss={float(m['loss'])}, updated params finite: {bool(m['params_finite'])})")
             tokens = int(host["mask"].sum())
-            last_row = _row(s + 1, data, m, float(trainer.schedule(s)), tokens, seconds, peak, trainer.num_params)
+            last_row = {**_row(s + 1, data, m, float(trainer.schedule(s)), tokens, seconds, peak, trainer.num_params),
+                        "master_dtype": precision["master"], "compute_dtype": precision["compute"]}
             metrics_log.write(last_row)
             bar.update()
             bar.set_postfix(loss=f"{last_row['loss']:.4f}", margin=f"{last_row['rewards/margins']:.3f}")
@@ -310,8 +311,9 @@ def train(ctx, stage: str = "align") -> dict:
     if a.export:
         # Only now: the final checkpoint is committed, so a crash during export loses nothing.
         hf_dir = os.path.join(out_dir, "hf")
-        lm.with_params(params).save(hf_dir, dtype=a.export_dtype or lm.param_dtype)
-    summary = {"steps": total, "resumed_from": start, "final_loss": last_row.get("loss"),
+        # From the masters, rounded once to the export dtype (default: the checkpoint's own).
+        lm.with_params(params).save(hf_dir, dtype=export_dtype)
+    summary = {"steps": total, "resumed_from": start, "precision": precision, "final_loss": last_row.get("loss"),
                "final_margin": last_row.get("rewards/margins"), "checkpoints": ckpt_dir,
                "metrics": metrics_log.path, "reference": ref_path, "hf": hf_dir, "num_items": len(items),
                "prompt_lengths": prompt_bound.report()}
@@ -324,12 +326,10 @@ def _model_key(lm) -> str:
     return digest(weights_digest(lm.path), str(lm.param_dtype), str(lm.dtype))
 
 
-def _abstract_state(trainer: Trainer, params) -> dict:
-    """The checkpointed state's shapes, dtypes and shardings (what Orbax restores into)."""
-    as_abstract = lambda tree, shardings: jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-    return {"params": as_abstract(params, trainer.param_shardings),
-            "opt_state": as_abstract(jax.eval_shape(trainer.tx.init, params), trainer.opt_shardings),
+def _abstract_state(trainer: Trainer) -> dict:
+    """The checkpointed state's shapes, dtypes and shardings (what Orbax restores into): the
+    master weights and optimiser state in ``align.master_dtype``, and the step."""
+    return {"params": trainer.abstract_masters, "opt_state": trainer.abstract_opt_state,
             "step": np.zeros((), np.int64)}
 
 
@@ -376,7 +376,7 @@ def finished_export(ctx, stage: str = "align") -> str | None:
         raise ArtifactError(f"{ckpt_dir}: step {step} was trained from another base model than "
                             f"{lm.path}; rerun the {stage} stage")
     trainer = Trainer(lm, a, total_steps=step, per_step_reference=False)
-    abstract = _abstract_state(trainer, lm.params)
+    abstract = _abstract_state(trainer)
     lm = lm.with_params(None)  # free the base weights before the trained ones arrive
     restored, state, _ = checkpoints.restore_latest(mngr, abstract, what=f"{stage} checkpoint")
     mngr.close()
@@ -384,7 +384,7 @@ def finished_export(ctx, stage: str = "align") -> str | None:
         raise ArtifactError(f"{hf_dir}: not found, and the final step of {ckpt_dir} does not restore; rerun the "
                             f"{stage} stage (it resumes from step {restored})")
     log.warning("%s: %s missing; exporting it from the final checkpoint (step %d)", stage, hf_dir, step)
-    lm.with_params(state["params"]).save(hf_dir, dtype=a.export_dtype or lm.param_dtype)
+    lm.with_params(state["params"]).save(hf_dir, dtype=a.export_dtype or stored_dtype(lm.path))
     return hf_dir
 
 
