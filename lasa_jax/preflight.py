@@ -165,6 +165,7 @@ FIELD_RULES: dict[str, Rule] = {
     "align.batch_size": _int(2), "align.grad_accum": _SIZE, "align.epochs": _SIZE, "align.max_steps": _int(0),
     "align.max_length": _int(2), "align.max_prompt_length": _SIZE, "align.checkpoint_every": _SIZE,
     "align.keep_checkpoints": _SIZE, "align.export": _bool, "align.export_dtype": _choice("", *DTYPES),
+    "align.master_dtype": _choice(*DTYPES),
     "align.async_checkpoints": _bool, "align.tensorboard": _bool,
     # stage 4
     "evaluate.judge": _choice(*JUDGES), "evaluate.guard_path": _text, "evaluate.max_new_tokens": _SIZE,
