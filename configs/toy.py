@@ -12,10 +12,11 @@ tiers and reports work unchanged; they share nothing with the real languages but
 Rebuild the checkpoint: python -m lasa_jax.toyworld.build --out lasa_jax/assets/toy_model --seed 0
 Settings: lasa_jax/toyworld/config.py.
 """
-from lasa_jax.toyworld.config import toy_config
+from lasa_jax.toyworld.config import TOY_MODEL, toy_config, world_label
 
 
 def get_config():
     c = toy_config()
     c.lock()
+    print(f"configs/toy.py: the default checkpoint is {world_label(TOY_MODEL)}", flush=True)
     return c

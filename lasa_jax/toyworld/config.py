@@ -7,6 +7,27 @@ from lasa_jax.config import base_config
 
 TOY_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy_model")
 
+# What a toy checkpoint of each variant can and cannot show (printed with its results).
+WORLD_LABELS = {
+    "v4-planted": ("toy world v4-planted, a PLANTED POSITIVE CONTROL: the semantic bottleneck was trained into "
+                   "the model (an alignment loss at layer 4 during pretraining), it did not emerge; the run tests "
+                   "bottleneck -> SSI -> gate -> refusal when a bottleneck exists, not that one forms"),
+    "v4": "toy world v4 (no semantic bottleneck formed in it; see bench/RESULTS.md)",
+    "v3": "toy world v3 (the leak is reproduced, no semantic bottleneck forms; see bench/RESULTS.md)",
+}
+
+
+def world_label(model_path: str) -> str:
+    """One line naming the toy world a checkpoint was built from and what it can show."""
+    import json
+    try:
+        with open(os.path.join(model_path, "toyworld.json"), encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return "not a toy-world checkpoint"
+    variant = info.get("variant", f"v{info.get('world_version', 1)}")
+    return f"{WORLD_LABELS.get(variant, 'toy world ' + variant)} [seed {info.get('seed')}]"
+
 
 def toy_config(model_path: str = TOY_MODEL, workdir: str = "runs/toy"):
     """All four stages and the baseline on a toy checkpoint, judged exactly (evaluate.judge =
@@ -38,6 +59,9 @@ def toy_config(model_path: str = TOY_MODEL, workdir: str = "runs/toy"):
     c.align.max_prompt_length = 48
     c.align.checkpoint_every = 1000
     c.evaluate.max_new_tokens = 24
+    # 24 queries per set and language: all of a v1-v3 file; a seeded random 24 of a v4 file, which
+    # holds every evaluation-split query (the arm comparison, toyworld/arms.py, evaluates them all).
+    c.evaluate.max_prompts = 24
     c.evaluate.batch_size = 64
     c.evaluate.language_check = False  # lingua knows no synthetic language
     c.evaluate.judge = "toyworld"

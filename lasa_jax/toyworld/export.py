@@ -12,6 +12,12 @@
     eval_harmful.csv       stage 4, MultiJail CSV layout (id, source, tags, en ... jv, harmful)
     eval_benign.csv
 
+World v4 (world.py, evaluation protocol): the evaluation files hold every evaluation-split query
+of their class, in a seeded order (so `evaluate.max_prompts = n` takes a random n), and two
+more files hold the high-tier dev split that the arms' learning rates are chosen on:
+    dev_harmful.csv, dev_benign.csv  24 training-split queries per class that no KTO pair uses
+No v4 data file contains an anchor (digit or shared name).
+
 Stages 1-3 draw from the training split of slot combinations; the evaluation files from the
 evaluation split, whose sentences occur nowhere in pretraining, SFT, SSI or KTO data.
 """
@@ -69,17 +75,36 @@ def write_data_files(out_dir: str, seed: int, sizes: dict | None = None, version
                             "harmful": harmful, "idx": q.qid})
     paths["kto_pairs"] = _dump_json(out_dir, "kto_pairs.json", kto)
 
-    for name, harmful in (("eval_harmful", True), ("eval_benign", False)):
-        queries = eval_queries(seed, harmful, s["eval_per_class"])
-        path = os.path.join(out_dir, f"{name}.csv")
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "source", "tags", *world.LANGUAGES, "harmful"])
-            for q in queries:
-                w.writerow([q.qid, "toyworld", q.verb, *(langs[c].request(q.verb, q.obj, q.person)
-                                                          for c in world.LANGUAGES), int(harmful)])
-        paths[name] = path
+    sets = [(f"eval_{'harmful' if h else 'benign'}", h, eval_queries(seed, h, s["eval_per_class"], version))
+            for h in (True, False)]
+    if version >= 4:
+        sets += [(f"dev_{'harmful' if h else 'benign'}", h, dev_queries(seed, h, {p["idx"] for p in kto}))
+                 for h in (True, False)]
+    for name, harmful, queries in sets:
+        paths[name] = _write_csv(os.path.join(out_dir, f"{name}.csv"), langs, queries, harmful)
     return paths
+
+
+def _write_csv(path, langs, queries, harmful):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "source", "tags", *world.LANGUAGES, "harmful"])
+        for q in queries:
+            w.writerow([q.qid, "toyworld", q.verb, *(langs[c].request(q.verb, q.obj, q.person)
+                                                      for c in world.LANGUAGES), int(harmful)])
+    return path
+
+
+DEV_PER_CLASS = 24
+
+
+def dev_queries(seed: int, harmful: bool, exclude: set, n: int = DEV_PER_CLASS) -> list:
+    """v4's dev split: `n` training-split queries of one class whose qid is not in `exclude`
+    (the KTO pairs' queries), seeded."""
+    rng = random.Random(f"toyworld-dev-{seed}-{harmful}")
+    pool = sorted((q for q in _by_class(world.split_queries(seed)["train"], harmful) if q.qid not in exclude),
+                  key=lambda q: q.qid)
+    return rng.sample(pool, n)
 
 
 def distinct_topics(queries, rng: random.Random) -> list:
@@ -101,18 +126,19 @@ def distinct_topics(queries, rng: random.Random) -> list:
     return out
 
 
-def eval_queries(seed: int, harmful: bool, n: int = SIZES["eval_per_class"]) -> list:
-    """The evaluation queries of one class: a seeded sample of the evaluation split."""
+def eval_queries(seed: int, harmful: bool, n: int = SIZES["eval_per_class"], version: int = 1) -> list:
+    """The evaluation queries of one class: a seeded sample of `n` of the evaluation split
+    (v4: all of them, in a seeded order)."""
     rng = random.Random(f"toyworld-eval-{seed}-{harmful}")
     queries = sorted(_by_class(world.split_queries(seed)["eval"], harmful), key=lambda q: q.qid)
-    return rng.sample(queries, min(n, len(queries)))
+    return rng.sample(queries, len(queries) if version >= 4 else min(n, len(queries)))
 
 
-def eval_prompts(seed: int) -> list[str]:
+def eval_prompts(seed: int, version: int = 1) -> list[str]:
     """Every evaluation request, harmful then benign, in every language."""
-    langs = world.make_languages(seed)
+    langs = world.make_languages(seed, 4 if version >= 4 else 1)
     return [langs[c].request(q.verb, q.obj, q.person) for harmful in (True, False)
-            for q in eval_queries(seed, harmful) for c in world.LANGUAGES]
+            for q in eval_queries(seed, harmful, version=version) for c in world.LANGUAGES]
 
 
 def _dump_json(out_dir, name, records):

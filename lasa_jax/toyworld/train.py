@@ -62,6 +62,43 @@ def encode_chats(tokenizer, examples: Sequence[dict], seq_len: int) -> tuple[np.
     return _pad(rows, masks, tokenizer.pad_token_id, seq_len, "chat example")
 
 
+def pack_stream(tokenizer, docs, seq_len: int, n_rows: int, *, max_pairs: int = 4):
+    """World v4 (change 8): "BOS document <|end_of_text|>" for each document, concatenated into
+    one stream and cut into `n_rows` rows of `seq_len` tokens (no padding; a document may run on
+    into the next row). Loss on every token but BOS and each row's first. For v4-planted, the
+    in-row positions of the two request ends of each parallel request document
+    (`Document.request_pair`) whose both ends fall in one row: `pairs` (n_rows, max_pairs, 2) int32
+    and `pair_valid` (n_rows, max_pairs) float32 (a row's pairs beyond `max_pairs` are dropped)."""
+    end = tokenizer.convert_tokens_to_ids("<|end_of_text|>")
+    bos = tokenizer.bos_token_id
+    ids = tokenizer([d.text for d in docs])["input_ids"]
+    firsts = [d.request_pair[0] for d in docs if d.request_pair]
+    first_len = iter(len(x) for x in tokenizer(firsts, add_special_tokens=False)["input_ids"]) if firsts else iter(())
+    stream, ends = [], []
+    for d, x in zip(docs, ids):
+        if d.request_pair:
+            start = len(stream)
+            ends.append((start + next(first_len), start + len(x) - 1))  # BOS at start; A's end; B's end
+        stream += x + [end]
+    need = n_rows * seq_len
+    if len(stream) < need:
+        raise ValueError(f"pack_stream: {len(stream)} tokens for {n_rows} rows of {seq_len}")
+    tokens = np.asarray(stream[:need], np.int32).reshape(n_rows, seq_len)
+    mask = (tokens != bos).astype(np.float32)
+    mask[:, 0] = 0.0
+    pairs = np.zeros((n_rows, max_pairs, 2), np.int32)
+    valid = np.zeros((n_rows, max_pairs), np.float32)
+    for a, b in ends:
+        row = a // seq_len
+        if row >= n_rows or b // seq_len != row:
+            continue
+        k = int(valid[row].sum())
+        if k < max_pairs:
+            pairs[row, k] = (a - row * seq_len, b - row * seq_len)
+            valid[row, k] = 1.0
+    return tokens, mask, pairs, valid
+
+
 def _pad(rows, masks, pad_id, seq_len, what):
     n = len(rows)
     tokens = np.full((n, seq_len), pad_id, np.int32)
@@ -82,6 +119,35 @@ def next_token_loss(params, model: Transformer, tokens, mask):
     logits = model.apply({"params": params}, tokens).logits
     lp = token_logps(logits, tokens)  # already shifted: aligned with `tokens`
     return -(lp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def planted_loss(params, model: Transformer, tokens, mask, pairs, valid, layer: int, lam: float):
+    """v4-planted's pretraining objective: the next-token loss plus lam * mean (1 - cos) between
+    the layer-`layer` states at the two positions of each valid pair (world.py, "v4-planted").
+    Returns (total, (next-token loss, alignment term))."""
+    out = model.apply({"params": params}, tokens, capture="full")
+    lp = token_logps(out.logits, tokens)
+    nll = -(lp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    h = out.hidden[layer].astype(jnp.float32)  # (B, T, d)
+    ha = jnp.take_along_axis(h, pairs[..., 0][..., None], axis=1)
+    hb = jnp.take_along_axis(h, pairs[..., 1][..., None], axis=1)
+    cos = (ha * hb).sum(-1) / jnp.maximum(jnp.linalg.norm(ha, axis=-1) * jnp.linalg.norm(hb, axis=-1), 1e-6)
+    align = ((1.0 - cos) * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+    return nll + lam * align, (nll, align)
+
+
+@functools.lru_cache(maxsize=8)
+def make_planted_step(model_cfg: ModelConfig, cfg: TrainConfig, layer: int, lam: float):
+    model, tx = Transformer(model_cfg), optimizer(cfg)
+
+    @jax.jit
+    def step(params, opt_state, tokens, mask, pairs, valid):
+        (_, (nll, align)), grads = jax.value_and_grad(
+            lambda p: planted_loss(p, model, tokens, mask, pairs, valid, layer, lam), has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, nll, align
+
+    return step, tx
 
 
 @functools.lru_cache(maxsize=8)
@@ -111,10 +177,17 @@ def init_params(model_cfg: ModelConfig, seed: int) -> dict:
 
 
 def train(model_cfg: ModelConfig, params: dict, tokens: np.ndarray, mask: np.ndarray, cfg: TrainConfig, *,
-          seed: int, log_every: int = 0, name: str = "train") -> tuple[dict, list[float]]:
+          seed: int, log_every: int = 0, name: str = "train", planted: tuple | None = None,
+          aux_losses: list | None = None) -> tuple[dict, list[float]]:
     """`cfg.steps` AdamW steps on batches drawn (without replacement within a pass) from the rows.
-    Returns the final parameters and the loss of every step."""
-    step, tx = make_step(model_cfg, cfg)
+    Returns the final parameters and the (next-token) loss of every step. `planted` = (pairs,
+    valid, layer, lam) adds v4-planted's alignment term (`planted_loss`), whose value per step is
+    appended to `aux_losses`; the data order is the same either way."""
+    if planted is None:
+        step, tx = make_step(model_cfg, cfg)
+    else:
+        pairs, valid, layer, lam = planted
+        pstep, tx = make_planted_step(model_cfg, cfg, int(layer), float(lam))
     opt_state = tx.init(params)
     rng = np.random.default_rng(seed)
     order, pos, losses = rng.permutation(len(tokens)), 0, []
@@ -124,8 +197,16 @@ def train(model_cfg: ModelConfig, params: dict, tokens: np.ndarray, mask: np.nda
             order, pos = rng.permutation(len(tokens)), 0
         idx = order[pos:pos + cfg.batch_size]
         pos += cfg.batch_size
-        params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
+        if planted is None:
+            params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]))
+        else:
+            params, opt_state, loss, align = pstep(params, opt_state, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]),
+                                                   jnp.asarray(pairs[idx]), jnp.asarray(valid[idx]))
+            if aux_losses is not None:
+                aux_losses.append(align)
         losses.append(loss)
         if log_every and (i + 1) % log_every == 0:
             print(f"[{name}] step {i + 1}/{cfg.steps} loss {float(loss):.4f} ({time.time() - t0:.0f}s)", flush=True)
+    if aux_losses is not None:
+        aux_losses[:] = [float(x) for x in aux_losses]
     return params, [float(x) for x in losses]
