@@ -58,7 +58,7 @@ from lasa_jax.errors import ConfigError, FitError
 
 GiB = 1024 ** 3
 STAGES = ("features", "ssi", "align", "generate")
-# The model's remat policies (lasa_jax.models.transformer), in order of increasing recompute.
+# The model's remat policies (lasa_jax.model.transformer), in order of increasing recompute.
 REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full")
 REFERENCES = ("precomputed", "per_step")
 MESH_AXES = ("data", "fsdp", "tensor")

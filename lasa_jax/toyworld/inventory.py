@@ -83,3 +83,25 @@ def weighted_language(rng: random.Random, languages: Iterable[str] = LANGUAGES) 
 def _sft_language_weights() -> list[float]:
     # A floor of 0.3 of the high-tier weight keeps the low tier present in post-training.
     return [max(LANGUAGE_WEIGHTS[c], 0.3) for c in LANGUAGES]
+
+
+class Morphology:
+    """Noun and verb forms from a language's ``words``, ``affixes`` and marking fields; shared by
+    the v3 ``world.Language`` and the v4 ``world4.Language4`` (same morphology, other fields)."""
+
+    def noun(self, concept: str, role: str) -> list[str]:
+        """A noun in its role ('obj' or 'per'), with the language's marking."""
+        word = self.words[concept]
+        marking = self.object_marking if role == "obj" else self.person_marking
+        affix = self.affixes[role]
+        if marking == "suffix":
+            return [word + affix]
+        if marking == "prefix":
+            return [affix + word]
+        # particle: a separate word, after the noun for objects, before it for persons
+        particle = self.words["obj-mark" if role == "obj" else "per-mark"]
+        return [word, particle] if role == "obj" else [particle, word]
+
+    def verb(self, concept: str, imperative: bool) -> str:
+        word = self.words[concept]
+        return word + self.affixes["imp"] if imperative else word

@@ -179,11 +179,11 @@ import random
 from lasa_jax.toyworld.inventory import (  # noqa: F401  (re-exported as world.LANGUAGES, world.Query, ...)
     LANGUAGES, LANGUAGE_WEIGHTS, TIERS, HIGH, HARMFUL_VERBS, BENIGN_VERBS, VERBS, OBJECTS, PERSONS,
     METHODS, FUNCTION_WORDS, ORDERS, MARKINGS, _CONSONANTS, _VOWELS, _make_word, Query, all_queries,
-    split_queries, weighted_language, _sft_language_weights)
+    split_queries, weighted_language, _sft_language_weights, Morphology)
 
 
 @dataclasses.dataclass(frozen=True)
-class Language:
+class Language(Morphology):
     code: str
     order: str  # permutation of V, O, P
     object_marking: str
@@ -192,23 +192,6 @@ class Language:
     words: dict  # concept -> surface word (citation form)
     affixes: dict  # "obj", "per", "imp" -> affix string (suffix or prefix per marking)
     version: int = 1  # the world version: decides the answer form (see the module docstring)
-
-    def noun(self, concept: str, role: str) -> list[str]:
-        """A noun in its role ('obj' or 'per'), with the language's marking."""
-        word = self.words[concept]
-        marking = self.object_marking if role == "obj" else self.person_marking
-        affix = self.affixes[role]
-        if marking == "suffix":
-            return [word + affix]
-        if marking == "prefix":
-            return [affix + word]
-        # particle: a separate word, after the noun for objects, before it for persons
-        particle = self.words["obj-mark" if role == "obj" else "per-mark"]
-        return [word, particle] if role == "obj" else [particle, word]
-
-    def verb(self, concept: str, imperative: bool) -> str:
-        word = self.words[concept]
-        return word + self.affixes["imp"] if imperative else word
 
     def clause(self, verb: str, obj: str, person: str, imperative: bool) -> list[str]:
         parts = {"V": [self.verb(verb, imperative)], "O": self.noun(obj, "obj"), "P": self.noun(person, "per")}

@@ -18,6 +18,7 @@ import re
 from typing import Iterable, Sequence
 
 from lasa_jax.toyworld import inventory as w
+from lasa_jax.toyworld.inventory import Morphology
 
 VERSION = 4
 _WORD = re.compile(r"[^\s\W]+|[^\w\s]", re.UNICODE)  # = judge.words: one token per word/punctuation
@@ -60,7 +61,7 @@ NO_ANCHORS = Anchors()
 
 
 @dataclasses.dataclass(frozen=True)
-class Language4:
+class Language4(Morphology):
     code: str
     order: str
     object_marking: str
@@ -71,21 +72,6 @@ class Language4:
     end: str  # END_L
     tools: dict  # (verb, object) -> tool concept: the world's table, shared by all languages
     version: int = VERSION
-
-    def noun(self, concept: str, role: str) -> list[str]:
-        word = self.words[concept]
-        marking = self.object_marking if role == "obj" else self.person_marking
-        affix = self.affixes[role]
-        if marking == "suffix":
-            return [word + affix]
-        if marking == "prefix":
-            return [affix + word]
-        particle = self.words["obj-mark" if role == "obj" else "per-mark"]
-        return [word, particle] if role == "obj" else [particle, word]
-
-    def verb(self, concept: str, imperative: bool) -> str:
-        word = self.words[concept]
-        return word + self.affixes["imp"] if imperative else word
 
     def tool(self, verb: str, obj: str) -> str:
         return self.words[self.tools[(verb, obj)]]
