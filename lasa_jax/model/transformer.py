@@ -8,7 +8,8 @@ grow with depth.
 Attention is expressed over *cache slots*: queries sit at slots ``q_slots`` and attend to every
 key slot ``s <= q_slot`` whose ``key_valid`` bit is set. A plain forward is the special case
 where the slots are ``0..T-1`` and ``key_valid`` is the padding mask; prefill and cached decoding
-reuse the same code with a KV cache, which is why there is a single attention path.
+reuse the same code with a KV cache, which is why there is a single attention path (save that
+under ``attention_impl="cudnn"`` a forward without a cache passes its mask as causal + lengths).
 
 Captured hidden states follow LASA's layer convention (identical to HF ``hidden_states``):
 index 0 is the embedding output, k >= 1 the residual stream after block k, and index L is
