@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from lasa_jax.infra import mesh as shd
+from lasa_jax.model.checkpoint import unflatten
 from lasa_jax.model.generate import _select_tokens, generate
-from lasa_jax.model.lm import load_model
+from lasa_jax.model.lm import LanguageModel, load_model, param_shardings
+from lasa_jax.model.tiny import tiny_model_config
+from lasa_jax.model.transformer import KVCache, init_params
 from tests.hf_models import make_hf_model, save_hf_model
 
 NEW = 64
@@ -148,3 +152,56 @@ def test_bad_input_is_a_clear_error(ckpt_dir):
         generate(lm, [[1, 99999]], progress=False)
     with pytest.raises(ValueError, match="top_p"):
         generate(lm, [[1]], top_p=1.5, progress=False)
+
+
+@pytest.mark.parametrize("mesh_shape,tensor", [((1, 8, 1), None), ((1, 4, 2), 2)])
+def test_decode_layout_on_8_devices_is_token_identical(mesh_shape, tensor, ckpt_dir):
+    """Greedy decoding with the weights resharded for decoding (replicated, or tensor-parallel)
+    from an FSDP training layout gives the single-device tokens and transformers' tokens."""
+    hf, single = _models("llama3_f8", ckpt_dir)
+    sharded = load_model(str(ckpt_dir / "llama3_f8"), tokenizer=False, mesh=shd.make_mesh(*mesh_shape))
+    decoding = sharded.for_decoding(tensor)
+    assert decoding.mesh.shape["fsdp"] == 1 and decoding.mesh.shape["tensor"] == (tensor or 1)
+    prompts = _prompts(seed=5)
+    hf.generation_config.eos_token_id = None
+    ours = generate(decoding, prompts, max_new_tokens=NEW, eos_ids=[], progress=False)
+    assert ours == generate(single, prompts, max_new_tokens=NEW, eos_ids=[], progress=False)
+    assert ours == _hf_generate(hf, prompts)
+
+
+def _decode_step_collective_fraction(lm, batch=8, slots=64):
+    """Collective result bytes of one compiled decode step over the model's weight bytes. One
+    layer, so that the layer scan's body (which the HLO text holds once) runs once per step."""
+    assert lm.cfg.num_layers == 1
+    tokens, mask = lm._place(np.ones((batch, 1), np.int32), np.ones((batch, 1), bool))
+    module, cfg = lm.module, lm.cfg
+
+    def step(params, tokens, mask):
+        cache = KVCache.empty(cfg, batch, slots, lm.dtype)
+        return module.apply({"params": params}, tokens, mask, cache=cache).logits
+
+    hlo = jax.jit(step).lower(lm.params, tokens, mask).compile().as_text()
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lm.params))
+    return shd.collective_bytes(hlo) / weights
+
+
+def test_decode_step_collectives_are_under_one_percent_of_weights():
+    cfg = tiny_model_config("llama", 512, num_layers=1, num_heads=8, num_kv_heads=8)
+    mesh = shd.make_mesh(1, 8, 1)
+    params = jax.device_put(init_params(cfg, jax.random.key(0)), unflatten(param_shardings(cfg, mesh)))
+    fsdp = LanguageModel(cfg, params, mesh=mesh)
+    # The FSDP training layout all-gathers the weights every step: this is what the test catches.
+    assert _decode_step_collective_fraction(fsdp) > 0.1
+    assert _decode_step_collective_fraction(fsdp.for_decoding()) <= 0.01
+    assert _decode_step_collective_fraction(fsdp.for_decoding(2)) <= 0.01
+
+
+def test_collective_bytes_parses_sync_and_async_collectives():
+    hlo = """
+  %ag = bf16[8,64]{1,0} all-gather(bf16[1,64]{1,0} %p), replica_groups={}, dimensions={0}
+  %ars = (f32[4]{0}, f32[4]{0}) all-reduce-start(f32[4]{0} %x), to_apply=%add
+  %ard = f32[4]{0} all-reduce-done((f32[4]{0}, f32[4]{0}) %ars)
+  %cp = s32[2,3]{1,0} collective-permute(s32[2,3]{1,0} %y), source_target_pairs={{0,1}}
+  %d = f32[1000]{0} add(f32[1000]{0} %a, f32[1000]{0} %b)
+"""
+    assert shd.collective_bytes(hlo) == 8 * 64 * 2 + 2 * 4 * 4 + 6 * 4

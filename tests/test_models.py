@@ -198,3 +198,33 @@ def test_pad_batch_left_and_right():
     assert tokens.shape == (4, 4)
     np.testing.assert_array_equal(tokens[:2], [[0, 5, 6, 7], [0, 0, 0, 8]])
     np.testing.assert_array_equal(mask[:2], [[0, 1, 1, 1], [0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.0)])
+def test_cudnn_mask_form_equals_dense_mask(family, dtype, tol, monkeypatch):
+    """``attention_impl="cudnn"`` expresses right padding as causal + per-row lengths (the only
+    mask forms cuDNN's kernel takes). The XLA implementation accepts that form too: on CPU, with
+    cudnn swapped for xla, its logits at real tokens equal the dense-mask path's (float32: 1e-5
+    absolute; bf16: the same bf16 ops on the same values, so exactly equal)."""
+    import jax
+    from lasa_jax.model.tiny import tiny_model_config
+    from lasa_jax.model.transformer import Transformer, init_params
+    cfg = tiny_model_config(family, 256)
+    params = init_params(cfg, jax.random.key(1), dtype=dtype)
+    lengths = [48, 30, 7, 1]
+    tokens, mask = pad_batch([list(range(1, n + 1)) for n in lengths], 0, padding_side="right", length=48)
+    dense = Transformer(cfg, dtype=dtype, param_dtype=dtype).apply({"params": params}, tokens, mask).logits
+    calls = []
+    real_attention = jax.nn.dot_product_attention
+
+    def as_xla(*args, implementation=None, **kw):
+        calls.append((implementation, "mask" in kw, kw.get("query_seq_lengths") is not None))
+        return real_attention(*args, implementation="xla" if implementation == "cudnn" else implementation, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+    lengths_form = Transformer(cfg, dtype=dtype, param_dtype=dtype, attention_impl="cudnn").apply(
+        {"params": params}, tokens, mask).logits
+    assert calls and all(c == ("cudnn", False, True) for c in calls)
+    real = np.asarray(mask)
+    np.testing.assert_allclose(np.asarray(lengths_form)[real], np.asarray(dense)[real], atol=tol, rtol=0)

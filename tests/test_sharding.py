@@ -80,3 +80,16 @@ def test_mesh_shape_errors():
     with pytest.raises(shd.MeshError, match=r"data\*fsdp\*tensor = 4 but there are 8 devices"):
         shd.resolve_mesh_shape(2, 2, 1, 8)
     assert shd.resolve_mesh_shape(2, -1, 2, 8) == (2, 2, 2)
+
+
+def test_decode_tensor_width_rule():
+    GB = 1 << 30
+    # Fits in half a device: replicated; else the smallest power-of-two split that does.
+    assert shd.decode_tensor_size(10 * GB, 8, 1, 80 * GB) == 1
+    assert shd.decode_tensor_size(64 * GB, 8, 1, 80 * GB) == 2
+    assert shd.decode_tensor_size(140 * GB, 8, 1, 80 * GB) == 4
+    assert shd.decode_tensor_size(10_000 * GB, 8, 1, 80 * GB) == 8
+    # Memory unknown (CPU): the training mesh's tensor width.
+    assert shd.decode_tensor_size(10 * GB, 8, 2, None) == 2
+    mesh = shd.decode_mesh(shd.make_mesh(1, 4, 2), 4)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 4}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any, Sequence
 
 import jax
@@ -63,6 +64,67 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+# Share of one device's memory the decode copy of the weights may take; the rest is left for
+# the KV cache and activations.
+DECODE_WEIGHT_SHARE = 0.5
+
+
+def device_memory_bytes() -> int | None:
+    """Memory of one local device as the runtime reports it (None where unknown, e.g. CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def decode_tensor_size(param_bytes: int, num_devices: int, train_tensor: int,
+                       device_bytes: int | None) -> int:
+    """Tensor-parallel width of the decode layout. With the device memory known: the smallest
+    power-of-two split (1 = fully replicated) whose weight shard fits in DECODE_WEIGHT_SHARE of a
+    device, all devices if none does. Unknown memory: the training mesh's tensor width (CPU
+    hosts share one memory, so replicating there costs nothing a split would save)."""
+    if device_bytes is None:
+        return train_tensor
+    t = 1
+    while t < num_devices and param_bytes / t > DECODE_WEIGHT_SHARE * device_bytes:
+        t *= 2
+    return t if num_devices % t == 0 else num_devices
+
+
+def decode_mesh(mesh: Mesh, tensor: int) -> Mesh:
+    """The same devices as (data, fsdp=1, tensor): with no fsdp axis the logical rules leave
+    "embed" whole, so decoding all-gathers no weights; tensor splits heads/MLP/vocab (one
+    activation all-reduce per matmul pair) and data carries the batch."""
+    devices = list(mesh.devices.flat)
+    if len(devices) % tensor:
+        raise MeshError(f"decode tensor width {tensor} does not divide {len(devices)} devices")
+    return make_mesh(len(devices) // tensor, 1, tensor, devices=devices)
+
+
+_COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-gather|reduce-scatter|all-reduce|collective-permute|all-to-all)"
+                         r"(-start)?\(")
+_ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
+
+
+def collective_bytes(hlo_text: str) -> int:
+    """Result bytes of every collective in compiled HLO (``compiled.as_text()``), once per
+    instruction: a loop body counts once, i.e. per iteration. Async pairs count at their start
+    (whose tuple result also holds the operand, so that pair counts the input too)."""
+    total = 0
+    for m in _COLLECTIVE.finditer(hlo_text):
+        for dtype, dims in _ARRAY.findall(m.group(1)):
+            if dtype == "token":
+                continue
+            n = math.prod(int(d) for d in dims.split(",") if d)
+            total += n * _itemsize(dtype)
+    return total
+
+
+def _itemsize(hlo_dtype: str) -> int:
+    if hlo_dtype == "pred":
+        return 1
+    bits = re.match(r"[a-z]+([0-9]*)", hlo_dtype).group(1)  # f32, bf16, s8, f8e4m3fn
+    return max(1, int(bits or 8) // 8)
 
 
 def mesh_from_config(mesh_cfg) -> Mesh:

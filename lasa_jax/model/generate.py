@@ -170,6 +170,7 @@ def generate(lm: LanguageModel, prompt_ids: Sequence[Sequence[int]], *, max_new_
                              f"(size {lm.cfg.vocab_size})")
     if not prompt_ids:
         return []
+    lm = lm.for_decoding()
     eos = list(eos_ids_of(lm) if eos_ids is None else eos_ids)
     # -1 never matches; a fixed length of 8 keeps one compilation for most EOS sets.
     eos_arr = np.full(round_up(max(len(eos), 1), 8), -1, np.int32)

@@ -98,6 +98,8 @@ class LanguageModel:
                  remat: str = "none", attention_impl: str | None = None,
                  chat_template_kwargs: dict | None = None):
         self.cfg, self.params, self.tokenizer, self.path, self.mesh = cfg, params, tokenizer, path, mesh
+        self.decode_layout = False  # True on the copy for_decoding returns
+        self._decoding = None
         # Passed to the chat template wherever this model's prompts are templated (features,
         # gating, KTO items, generation): config.model.enable_thinking.
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
@@ -136,6 +138,33 @@ class LanguageModel:
         other = object.__new__(LanguageModel)
         other.__dict__.update(self.__dict__)
         other.params = params
+        other._decoding = None  # the decode copy holds the old weights
+        return other
+
+    def for_decoding(self, tensor: int | None = None) -> "LanguageModel":
+        """This model with its weights resharded once for token-by-token generation: on the same
+        devices as a (data, 1, tensor) mesh (``mesh.decode_mesh``), so a decode step gathers no
+        FSDP-sharded weights. ``tensor`` None picks the width by ``mesh.decode_tensor_size``
+        (replicated when the weights fit in half a device). The copy is kept on this model and
+        reused (``generate`` calls this); drop this model to free the training layout."""
+        if self.mesh is None or self.decode_layout:
+            return self
+        if tensor is None:
+            if self._decoding is not None:
+                return self._decoding
+            nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+            tensor = shd.decode_tensor_size(nbytes, self.mesh.size, self.mesh.shape["tensor"],
+                                            shd.device_memory_bytes())
+        if self.mesh.shape["fsdp"] == 1 and self.mesh.shape["tensor"] == tensor:
+            return self  # already a decode layout
+        mesh = shd.decode_mesh(self.mesh, tensor)
+        params = jax.device_put(self.params, ckpt.unflatten(param_shardings(self.cfg, mesh)))
+        other = LanguageModel(self.cfg, params, tokenizer=self.tokenizer, path=self.path, mesh=mesh,
+                              dtype=self.dtype, param_dtype=self.param_dtype, remat=self.module.remat,
+                              attention_impl=self.module.attention_impl,
+                              chat_template_kwargs=self.chat_template_kwargs)
+        other.decode_layout = True
+        self._decoding = other
         return other
 
     def save(self, out_dir: str, *, dtype: str | Any | None = None, max_shard_bytes: int = 2 << 30) -> str:
@@ -186,6 +215,13 @@ class LanguageModel:
         return 0
 
     # ---------------------------------------------------------------- compute
+    def _check_padding(self, mask: np.ndarray) -> None:
+        # cuDNN masks are per-row lengths, which only describe right padding.
+        if self.module.attention_impl == "cudnn":
+            right = np.arange(mask.shape[1])[None, :] < mask.sum(-1, keepdims=True)
+            if not np.array_equal(mask, right):
+                raise ValueError("attention_impl='cudnn' needs right-padded batches (padding_side='right')")
+
     def _place(self, *arrays):
         if self.mesh is None:
             return tuple(jnp.asarray(a) for a in arrays)
@@ -215,6 +251,7 @@ class LanguageModel:
 
     def logits(self, tokens, mask) -> jax.Array:
         """(B, T, vocab) float32 logits for a padded batch."""
+        self._check_padding(np.asarray(mask, bool))
         tokens, mask = self._place(np.asarray(tokens, np.int32), np.asarray(mask, bool))
         return self._logits_fn(self.params, tokens, mask)
 
@@ -235,6 +272,7 @@ class LanguageModel:
         (0 = embedding output, k = after block k; the same indices as HF ``hidden_states``).
         The LM head is not computed."""
         layers = self.check_layers(layers)
+        self._check_padding(np.asarray(mask, bool))
         tokens, mask = self._place(np.asarray(tokens, np.int32), np.asarray(mask, bool))
         return self._features_fn(self.params, tokens, mask, layers)
 

@@ -8,7 +8,8 @@ grow with depth.
 Attention is expressed over *cache slots*: queries sit at slots ``q_slots`` and attend to every
 key slot ``s <= q_slot`` whose ``key_valid`` bit is set. A plain forward is the special case
 where the slots are ``0..T-1`` and ``key_valid`` is the padding mask; prefill and cached decoding
-reuse the same code with a KV cache, which is why there is a single attention path.
+reuse the same code with a KV cache, which is why there is a single attention path (save that
+under ``attention_impl="cudnn"`` a forward without a cache passes its mask as causal + lengths).
 
 Captured hidden states follow LASA's layer convention (identical to HF ``hidden_states``):
 index 0 is the embedding output, k >= 1 the residual stream after block k, and index L is
@@ -73,6 +74,16 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
+def dense_mask(q_slots, key_valid, num_slots):
+    """(B, T, S) bool: query slot t sees key slot s <= t when s is valid."""
+    k_slots = jnp.arange(num_slots)
+    causal = k_slots[None, :] <= q_slots[:, None]  # (T, S)
+    # A padding query still attends to its own slot so that no softmax row is empty (empty
+    # rows give NaN, which would then leak into gradients through the masked sum).
+    own = k_slots[None, :] == q_slots[:, None]
+    return (causal[None] & key_valid[:, None, :]) | own[None]
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: Any
@@ -80,7 +91,7 @@ class Attention(nn.Module):
     attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x, positions, q_slots, key_valid, cache_kv=None, cache_index=None):
+    def __call__(self, x, positions, q_slots, key_valid, cache_kv=None, cache_index=None, layer=0):
         cfg, dt = self.cfg, self.dtype
         d, n, kvh, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -100,20 +111,33 @@ class Attention(nn.Module):
         inv_freq = inverse_frequencies(cfg.rope, hd)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
+        impl = self.attention_impl
         new_kv = None
         if cache_kv is not None:
+            # The stacked cache is updated in place: only this token's slots of this layer are
+            # written, and only this layer's slice is read, so a decode step moves one layer's
+            # cache per layer instead of rewriting every layer's.
             ck, cv = cache_kv
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-            new_kv = (k, v)
-        k_slots = jnp.arange(k.shape[1])
-        causal = k_slots[None, :] <= q_slots[:, None]  # (T, S)
-        # A padding query still attends to its own slot so that no softmax row is empty (empty
-        # rows give NaN, which would then leak into gradients through the masked sum).
-        own = k_slots[None, :] == q_slots[:, None]
-        mask = (causal[None] & key_valid[:, None, :]) | own[None]
-        out = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt),
-                                           mask=mask[:, None], implementation=self.attention_impl)
+            at = (layer, 0, cache_index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+            new_kv = (ck, cv)
+            k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+            # cuDNN takes no dense mask, and left padding (generation) has no lengths form.
+            impl = "xla" if impl == "cudnn" else impl
+        if cache_kv is None and impl == "cudnn":
+            # cuDNN's fused kernel takes masks only as causal + per-row lengths, which is exact
+            # for right padding only: no-cache forwards under cudnn must be right-padded
+            # (LanguageModel.encode's default). Outputs at padding queries differ (unused).
+            lengths = key_valid.sum(-1).astype(jnp.int32)
+            out = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt), is_causal=True,
+                                               query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                               implementation=impl)
+        else:
+            out = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt),
+                                               mask=dense_mask(q_slots, key_valid, k.shape[1])[:, None],
+                                               implementation=impl)
         wo = _param(self, "o_proj_kernel", _init, (n, hd, d), ("heads", "head_dim", "embed"), self.param_dtype)
         return jnp.einsum("btnh,nhd->btd", out, wo.astype(dt)), new_kv
 
@@ -140,7 +164,8 @@ def constrain(x, sharding):
 
 
 class Block(nn.Module):
-    """One decoder block, written as a scan body: (carry, per-layer inputs) -> (carry, outputs)."""
+    """One decoder block, written as a scan body: (carry, broadcast inputs) -> (carry, outputs).
+    The carry is (hidden, layer index, whole stacked KV cache or None)."""
     cfg: ModelConfig
     dtype: Any
     param_dtype: Any
@@ -149,12 +174,13 @@ class Block(nn.Module):
     activation_sharding: Any = None
 
     @nn.compact
-    def __call__(self, x, positions, q_slots, key_valid, last_index, cache_index, cache_kv):
+    def __call__(self, carry, positions, q_slots, key_valid, last_index, cache_index):
+        x, layer, cache_kv = carry
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
         attn, new_kv = Attention(cfg, self.dtype, self.param_dtype, self.attention_impl,
                                  name="self_attn")(norm("input_layernorm")(x), positions, q_slots,
-                                                   key_valid, cache_kv, cache_index)
+                                                   key_valid, cache_kv, cache_index, layer)
         h = x + attn
         out = h + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(h))
         out = constrain(out, self.activation_sharding)
@@ -164,7 +190,7 @@ class Block(nn.Module):
             captured = out
         else:
             captured = None
-        return out, (new_kv, captured)
+        return (out, layer + 1, new_kv), captured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,11 +252,11 @@ class Transformer(nn.Module):
         layers = nn.scan(
             block, variable_axes={"params": 0}, split_rngs={"params": True},
             metadata_params={nn.PARTITION_NAME: "layers"},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers)
-        x, (new_kv, captured) = layers(cfg, self.dtype, self.param_dtype, capture,
-                                       self.attention_impl, self.activation_sharding, name="layers")(
-            x, positions, q_slots, key_valid, last_index, cache_index, cache_kv)
+        (x, _, new_kv), captured = layers(cfg, self.dtype, self.param_dtype, capture,
+                                          self.attention_impl, self.activation_sharding, name="layers")(
+            (x, jnp.zeros((), jnp.int32), cache_kv), positions, q_slots, key_valid, last_index, cache_index)
 
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")
         hidden = None

@@ -74,7 +74,8 @@ def make_judge(name: str, *, guard_path: str = "", language_check: bool = True,
     if name == "toyworld":
         from lasa_jax.toyworld.judge import ToyJudge
         return ToyJudge.for_checkpoint(model_path)
-    guard = load_model(guard_path, dtype=guard_dtype, mesh=mesh)
+    # Only decoded from: keep just the decode layout (the FSDP-loaded copy is dropped here).
+    guard = load_model(guard_path, dtype=guard_dtype, mesh=mesh).for_decoding()
 
     def generate_fn(texts: list[str], max_new_tokens: int) -> list[str]:
         # The judge applied the guard's chat template already (BOS included).
@@ -176,7 +177,9 @@ def run(ctx) -> dict:
     records: list[dict[str, Any]] = []
     bounds = None
     for name, path in models:
-        lm = ctx.load(path, stage="generate") if path else ctx.base
+        # Generation (and the SSI gate's features) run on the decode layout, resharded once per
+        # model; a loaded model keeps only that copy, the base model keeps both (later stages).
+        lm = (ctx.load(path, stage="generate") if path else ctx.base).for_decoding()
         if bounds is None:  # every model here shares the base model's context length
             bounds = {"generation": ctx.prompt_bound(lm, origins, reserve=e.max_new_tokens),
                       "ssi": ctx.prompt_bound(lm, origins)}
