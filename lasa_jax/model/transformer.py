@@ -208,6 +208,9 @@ class Transformer(nn.Module):
     attention_impl: str | None = None
     # NamedSharding for (batch, length, embed) activations; None = let XLA decide (one device).
     activation_sharding: Any = None
+    # ``unroll`` of the layer scan (True = fully unrolled). Only bench/roofline.py sets it: XLA's
+    # cost analysis counts a while-loop body once, so it compiles unrolled 1- and 2-layer models.
+    scan_unroll: bool | int = 1
 
     @nn.compact
     def __call__(self, tokens, attention_mask=None, positions=None, *, capture: str = "none",
@@ -253,7 +256,7 @@ class Transformer(nn.Module):
             block, variable_axes={"params": 0}, split_rngs={"params": True},
             metadata_params={nn.PARTITION_NAME: "layers"},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers)
+            length=cfg.num_layers, unroll=self.scan_unroll)
         (x, _, new_kv), captured = layers(cfg, self.dtype, self.param_dtype, capture,
                                           self.attention_impl, self.activation_sharding, name="layers")(
             (x, jnp.zeros((), jnp.int32), cache_kv), positions, q_slots, key_valid, last_index, cache_index)
