@@ -5,19 +5,23 @@
 A random LLaMA-shaped checkpoint (~37M parameters, float32) is written with transformers'
 save_pretrained and loaded by both sides; prompts are random ids of mixed lengths, left-padded;
 no EOS stopping, so both produce exactly batch x new tokens. CPU, torch limited to 2 threads.
-Our first call (jit compilation + run) is reported separately; the ratio uses a second,
-compiled call. One timed run each (the machine is shared; rerun for a spread).
+Timing through bench/_timing.py: one warm-up call per side (our jit compilation) reported on its
+own, then the two sides alternated for --rounds rounds; the ratio is the median over rounds with
+its min-max, withheld when the load average exceeds the core count.
 """
 import argparse
 import os
 import tempfile
-import time
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
 
 from lasa_jax.model.generate import generate  # noqa: E402
 from lasa_jax.model.lm import load_model  # noqa: E402
@@ -44,7 +48,9 @@ def main():
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--torch-threads", type=int, default=2)
+    _timing.add_arguments(ap)
     args = ap.parse_args()
+    session = _timing.Session.from_args(args, "generate")
     torch.set_num_threads(args.torch_threads)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,34 +62,28 @@ def main():
     prompts = [rng.integers(1, args.vocab, n).tolist() for n in lengths]
     kw = dict(max_new_tokens=args.new, eos_ids=[], batch_size=args.batch, progress=False)
 
-    t = time.perf_counter()
-    generate(lm, prompts, **kw)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    ours = generate(lm, prompts, **kw)
-    ours_t = time.perf_counter() - t
-
     T = int(lengths.max())
     ids = torch.zeros(args.batch, T, dtype=torch.long)
     mask = torch.zeros(args.batch, T, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
     hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        t = time.perf_counter()
-        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=args.new, do_sample=False,
-                          pad_token_id=0)[:, T:].tolist()
-        hf_t = time.perf_counter() - t
+
+    def reference():
+        with torch.no_grad():
+            return hf.generate(ids, attention_mask=mask, max_new_tokens=args.new, do_sample=False,
+                               pad_token_id=0)[:, T:].tolist()
 
     n_tok = args.batch * args.new
-    same = sum(a == b for a, b in zip(ours, ref))
     print(f"{n_params / 1e6:.1f}M params float32, batch {args.batch}, prompts {lengths.min()}-{T} "
           f"tokens, {args.new} new tokens per row; torch threads {args.torch_threads}")
-    print(f"lasa_jax     : {n_tok / ours_t:8.1f} tokens/s ({ours_t:.2f} s; first call incl. "
-          f"compile {first:.2f} s)")
-    print(f"transformers : {n_tok / hf_t:8.1f} tokens/s ({hf_t:.2f} s)")
-    print(f"ratio ours/transformers: {hf_t / ours_t:.2f}x   (rows with identical tokens: {same}/{args.batch})")
+    res = session.compare("greedy decoding", {"lasa_jax": lambda: generate(lm, prompts, **kw),
+                                              "transformers": reference}, work=n_tok, unit="tokens")
+    ours, ref = res.outputs["lasa_jax"], res.outputs["transformers"]
+    same = sum(a == b for a, b in zip(ours, ref))
+    print(f"rows with identical tokens: {same}/{args.batch}")
+    return session.finish(extra={"identical_rows": same, "rows": args.batch})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
