@@ -1,6 +1,6 @@
 """All-layer last-token feature extraction: lasa_jax against transformers, same model, same batch.
 
-    PYTHONPATH=. python bench/features.py [--batch 16] [--min-len 64] [--max-len 256] [--repeats 1]
+    PYTHONPATH=. python bench/features.py [--batch 16] [--min-len 64] [--max-len 256] [--rounds 5] [--json PATH]
                                           [--breakdown]
 
 Model: a random LLaMA-shaped checkpoint (~60M parameters: hidden 512, 8 layers, 8 heads / 4 KV
@@ -14,15 +14,17 @@ hidden state at each row's last real token, per layer. The same forward without 
 so is our own full forward with the LM head (``LanguageModel.logits``): with the analytic FLOP
 count of each call, the GFLOP/s column shows whether a difference comes from doing less work or
 from doing it faster.
-Throughput counts real (non-pad) tokens. The first call of each side (jit compile, torch warm-up)
-is timed separately and excluded; torch uses as many threads as JAX's CPU backend has cores.
+Throughput counts real (non-pad) tokens. Timing through bench/_timing.py: the first call of each
+side (jit compile, torch warm-up) is reported on its own, then the sides alternate for --rounds
+rounds; ratios are medians over rounds with their min-max, withheld when the load average exceeds
+the core count. torch uses as many threads as JAX's CPU backend has cores.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import tempfile
-import time
+import sys
 
 import jax
 import numpy as np
@@ -30,6 +32,9 @@ import torch
 import transformers
 
 from lasa_jax.model.lm import load_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
 
 MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
@@ -74,25 +79,9 @@ def forward_flops(cfg: dict, B: int, T: int, lm_head: bool) -> float:
     return 2.0 * B * T * per_token + 4.0 * B * T * T * d * L
 
 
-def timed(fns: dict, repeats: int) -> dict:
-    """name -> (first-call seconds, best timed seconds, output); timed calls are interleaved so
-    that load from other processes on a shared machine hits every side alike."""
-    out = {}
-    for name, fn in fns.items():
-        t = time.perf_counter()
-        res = fn()
-        out[name] = [time.perf_counter() - t, float("inf"), res]
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            out[name][2] = fn()
-            out[name][1] = min(out[name][1], time.perf_counter() - t)
-    return out
-
-
-def breakdown(cfg: dict, B: int, T: int, repeats: int = 3) -> None:
+def breakdown(cfg: dict, B: int, T: int, rounds: int = 3) -> None:
     """Where a forward's time goes: one layer's components at the bench shapes, XLA vs torch,
-    best of ``repeats`` (random weights; the same ops both models run)."""
+    median of ``rounds`` alternated rounds (random weights; the same ops both models run)."""
     import jax.numpy as jnp
     d, f, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -121,12 +110,12 @@ def breakdown(cfg: dict, B: int, T: int, repeats: int = 3) -> None:
          lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tk, attn_mask=tm)),
         ("LM head (HF path only)", 2 * B * T * d * V, jit(lambda x: x @ wh), (jx,), lambda: tx @ twh),
     ]
-    print(f"\nper-layer components, best of {repeats} ({B * T} positions):")
+    print(f"\nper-layer components, median of {rounds} alternated rounds ({B * T} positions):")
     print(f"{'':<26} {'GFLOP':>6} {'XLA s':>7} {'torch s':>8} {'XLA GF/s':>9} {'torch GF/s':>10}")
     with torch.inference_mode():
         for name, fl, jf, args, tf in rows:
-            tj = timed({"j": lambda: jf(*args)}, repeats)["j"][1]
-            tt = timed({"t": tf}, repeats)["t"][1]
+            c = _timing.compare(name, {"xla": lambda: jf(*args), "torch": tf}, rounds=rounds)
+            tj, tt = c.median("xla"), c.median("torch")
             print(f"{name:<26} {fl / 1e9:>6.1f} {tj:>7.3f} {tt:>8.3f} {fl / 1e9 / tj:>9.1f} {fl / 1e9 / tt:>10.1f}")
 
 
@@ -135,10 +124,11 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--min-len", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs after warm-up (best is kept)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time one layer's components (MLP, projections, attention, LM head)")
+    _timing.add_arguments(ap)
     args = ap.parse_args()
+    session = _timing.Session.from_args(args, "features")
 
     # XLA's CPU backend runs its intra-op pool on every core this process may use.
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -153,7 +143,7 @@ def main():
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}; attn_implementation={hf.config._attn_implementation}")
     print(f"model: {n_params / 1e6:.1f}M params, float32; batch {B} x {T} padded, {real} real tokens "
-          f"({real / (B * T):.0%}); timed runs: {args.repeats}")
+          f"({real / (B * T):.0%})")
 
     t_tok, t_mask = torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
     last = torch.from_numpy(T - 1 - np.argmax(mask[:, ::-1], axis=1))
@@ -165,23 +155,19 @@ def main():
     }
     heads = {"lasa_jax LanguageModel.features": False, "transformers CausalLM, hidden_states": True,
              "transformers base model (no LM head)": False, "lasa_jax LanguageModel.logits": True}
-    res = timed(fns, args.repeats)
-    ours = np.asarray(res["lasa_jax LanguageModel.features"][2])
-    err = float(np.abs(ours - res["transformers CausalLM, hidden_states"][2].numpy()).max())
-
-    print(f"{'':<38} {'warm-up':>9} {'timed':>8} {'tokens/s':>9} {'GFLOP':>6} {'GFLOP/s':>8}")
-    for name, (first, t, _) in res.items():
+    res = session.compare("all-layer features", fns, work=real, unit="tokens")
+    ours = np.asarray(res.outputs["lasa_jax LanguageModel.features"])
+    err = float(np.abs(ours - res.outputs["transformers CausalLM, hidden_states"].numpy()).max())
+    # GFLOP/s per side says whether a difference is less work or the same work done faster.
+    for name in fns:
         gf = forward_flops(MODEL, B, T, heads[name]) / 1e9
-        print(f"{name:<38} {first:>8.3f}s {t:>7.3f}s {real / t:>9.0f} {gf:>6.0f} {gf / t:>8.1f}")
-    ours_t = res["lasa_jax LanguageModel.features"][1]
-    print(f"speed-up vs CausalLM (authors' path): "
-          f"{res['transformers CausalLM, hidden_states'][1] / ours_t:.2f}x  (target >= 2x)")
-    print(f"speed-up vs base model, no LM head:   "
-          f"{res['transformers base model (no LM head)'][1] / ours_t:.2f}x")
+        print(f"{name:<38} {gf:>6.0f} GFLOP  {gf / res.median(name):>8.1f} GFLOP/s")
+    print("target: >= 2x the authors' path (transformers CausalLM, hidden_states)")
     print(f"max |ours - transformers| over all {len(ours)} layers: {err:.2e} (float32)")
     if args.breakdown:
-        breakdown(MODEL, B, T, max(3, args.repeats))
+        breakdown(MODEL, B, T, max(3, args.rounds))
+    return session.finish(extra={"max_abs_diff": err, "real_tokens": real, "padded_tokens": B * T})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
