@@ -8,25 +8,34 @@ transformers' LlamaForCausalLM with TRL's KTO formula written out (policy forwar
 items, no-grad policy forward on the KL pairs, reference log-probs precomputed for both). Batches
 are built before timing; the first steps (compilation, allocator warm-up) are not timed.
 Also reported: our step with the reference recomputed every step ("per_step") against the
-precomputed reference. tokens/s counts the real (non-pad) tokens of the trained sequences.
+precomputed reference. Timing through bench/_timing.py: the three sides alternate round by round
+(--rounds), each round runs --warmup-steps untimed steps then --steps timed ones from fresh
+state; ratios are medians over rounds with min-max, withheld when the load exceeds the cores.
+tokens/s counts the real (non-pad) tokens of the trained sequences.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
+
 
 def _args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10, help="timed steps per implementation")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first, in every round")
     p.add_argument("--batch", type=int, default=8, help="items per step")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--max-length", type=int, default=192)
+    _timing.add_arguments(p)
+    p.set_defaults(warmup=0)  # each round runs its own untimed --warmup-steps first
     return p.parse_args()
 
 
@@ -54,7 +63,7 @@ def main():
     lm = load_model(path, mesh=mesh)
     pairs = read_kto_pairs(resolve_data_path(cfg.data.kto_pairs))
     items = train.make_items(pairs, a, seed=0)
-    n_steps = args.warmup + args.steps
+    n_steps = args.warmup_steps + args.steps
     data = KTOBatches(items, lm.tokenizer, batch_size=args.batch, grad_accum=1, seed=0, max_steps=n_steps,
                             max_length=args.max_length, max_prompt_length=a.max_prompt_length, pad_id=lm.pad_id)
     # Reference log-probs of the steps we run only (the full fixture would take longer than the bench).
@@ -71,22 +80,26 @@ def main():
     data.ref_logps, data.ref_kl_logps = ref_items, ref_kl
     batches = [data.host_batch(s) for s in range(n_steps)]
     tokens = [int(b["mask"].sum()) for b in batches]
-    timed_tokens = sum(tokens[args.warmup:])
+    timed_tokens = sum(tokens[args.warmup_steps:])
 
-    def time_jax(per_step: bool) -> float:
-        tr = Trainer(lm, a, total_steps=n_steps, per_step_reference=per_step)
+    trainers = {per_step: Trainer(lm, a, total_steps=n_steps, per_step_reference=per_step)
+                for per_step in (False, True)}
+
+    def time_jax(per_step: bool) -> _timing.Measured:
+        # One Trainer per variant, so later rounds reuse its compiled step; fresh state each round.
+        tr = trainers[per_step]
         ref = lm.params if per_step else None  # init_state copies: the step never donates lm.params
         params, opt = tr.init_state(lm.params)
         for s in range(n_steps):
-            if s == args.warmup:
+            if s == args.warmup_steps:
                 jax.block_until_ready(params)
                 t = time.perf_counter()
             params, opt, m = tr.step(params, opt, batches[s], s, ref)
             float(m["loss"])  # the training loop reads the loss every step too
         jax.block_until_ready(params)
-        return time.perf_counter() - t
+        return _timing.Measured(time.perf_counter() - t)
 
-    def time_torch() -> float:
+    def time_torch() -> _timing.Measured:
         torch.set_num_threads(args.threads)
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.train()
@@ -105,7 +118,7 @@ def main():
             for k in ("mask", "kl_mask", "loss_mask", "kl_loss_mask"):
                 b[k] = b[k].long() if "loss" not in k else b[k].float()
         for s, b in enumerate(tb):
-            if s == args.warmup:
+            if s == args.warmup_steps:
                 t = time.perf_counter()
             with torch.no_grad():
                 kl = (logps(b["kl_tokens"], b["kl_mask"], b["kl_loss_mask"]) - b["ref_kl_logps"]).mean().clamp(min=0)
@@ -117,22 +130,20 @@ def main():
             torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
             opt.step()
             float(loss.detach())
-        return time.perf_counter() - t
+        return _timing.Measured(time.perf_counter() - t)
 
-    ours = time_jax(False)
-    per_step = time_jax(True)
-    theirs = time_torch()
-    rows = [("lasa_jax, precomputed reference", ours), ("lasa_jax, per-step reference", per_step),
-            (f"PyTorch (transformers, {args.threads} threads)", theirs)]
     print(f"\nLatent-KTO step, tiny LLaMA (d={lm.cfg.hidden_size}, L={lm.cfg.num_layers}, vocab={lm.cfg.vocab_size}), "
-          f"batch {args.batch} x T={data.length}, {args.steps} timed steps, device {jax.devices()[0].device_kind}")
-    print(f"{'implementation':<40} {'s/step':>8} {'tokens/s':>10}")
-    for name, sec in rows:
-        print(f"{name:<40} {sec / args.steps:>8.4f} {timed_tokens / sec:>10.0f}")
-    print(f"\ntokens/s ratio lasa_jax / PyTorch: {theirs / ours:.2f}x")
-    print(f"step cost per-step / precomputed reference: {per_step / ours:.2f}x "
-          f"(precomputing these {n_steps} steps' reference took {precompute_s:.2f}s, compile included)")
+          f"batch {args.batch} x T={data.length}, {args.steps} timed steps per round after {args.warmup_steps} "
+          f"untimed, device {jax.devices()[0].device_kind}; work = real tokens of the timed steps")
+    session = _timing.Session.from_args(args, "train_step")
+    session.compare("Latent-KTO steps", {
+        "lasa_jax, precomputed reference": lambda: time_jax(False),
+        f"PyTorch (transformers, {args.threads} threads)": time_torch,
+        "lasa_jax, per-step reference": lambda: time_jax(True),
+    }, work=timed_tokens, unit="tokens")
+    print(f"(precomputing these {n_steps} steps' reference took {precompute_s:.2f}s, compile included)")
+    return session.finish(extra={"precompute_s": precompute_s, "timed_tokens": timed_tokens})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
