@@ -3,6 +3,9 @@
 Same data (N cached features of width d, 90/10 train/validation), same MLP, AdamW, gradient-norm
 clipping, batch size, per-epoch shuffling and validation pass, same plateau LR rule; early stopping
 disabled so both run exactly --epochs epochs. JAX compile time is reported on its own.
+Timing through bench/_timing.py: the sides alternate for --rounds rounds (train_probe recompiles
+inside each call, so it reports its own compile-free training seconds); the ratio is the median
+over rounds with its min-max, withheld when the load average exceeds the core count.
 
     PYTHONPATH=. python bench/ssi.py                 # d=1024, N=20000, 20 epochs
     PYTHONPATH=. python bench/ssi.py --d 4096
@@ -13,9 +16,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _timing  # noqa: E402
 
 
 def make_data(n: int, d: int, seed: int):
@@ -81,7 +88,10 @@ def main():
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="torch intra-op threads; JAX's CPU backend uses one per core")
     parser.add_argument("--skip-torch", action="store_true")
+    _timing.add_arguments(parser, rounds=5)
+    parser.set_defaults(warmup=0)  # each call trains from scratch; train_probe excludes its compile
     args = parser.parse_args()
+    session = _timing.Session.from_args(args, "ssi")
 
     import jax
 
@@ -93,30 +103,29 @@ def main():
     x, y, x_val, y_val = make_data(args.n, args.d, seed=0)
     print(f"N={args.n} (train {len(x)}, val {len(x_val)}), d={args.d}, H={args.d}, batch "
           f"{cfg.batch_size}, {args.epochs} epochs; jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"cores available {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.1f} "
-          "(timings on a shared, oversubscribed CPU are noisy; torch threads collapse worst)")
+          f"cores available {len(os.sched_getaffinity(0))}")
     steps = args.epochs * -(-len(x) // cfg.batch_size)
 
-    t0 = time.perf_counter()
-    _, hist = ssi.train_probe(x, y, x_val, y_val, cfg, seed=0)
-    jax_total = time.perf_counter() - t0
-    jax_train = hist["train_seconds"]
-    print(f"jax:   train {jax_train:8.2f} s   compile {hist['compile_seconds']:.2f} s   "
-          f"call total {jax_total:.2f} s   {1000 * jax_train / steps:.1f} ms/step   final val loss {hist['val_loss'][-1]:.4f}   "
-          f"epochs {hist['epochs_run']}")
-    if args.skip_torch:
-        return
-    import torch
+    def ours():
+        _, hist = ssi.train_probe(x, y, x_val, y_val, cfg, seed=0)
+        return _timing.Measured(hist["train_seconds"], hist)
 
-    t0 = time.perf_counter()
-    val_losses = train_torch(x, y, x_val, y_val, cfg, args.threads)
-    torch_train = time.perf_counter() - t0
-    print(f"torch: train {torch_train:8.2f} s   ({torch.__version__}, {torch.get_num_threads()} threads)   "
-          f"{1000 * torch_train / steps:.1f} ms/step"
-          f"   final val loss {val_losses[-1]:.4f}   epochs {len(val_losses)}")
-    print(f"ratio torch / jax (train time, compile excluded): {torch_train / jax_train:.2f}x; "
-          f"including compile: {torch_train / (jax_train + hist['compile_seconds']):.2f}x")
+    sides = {"lasa_jax train_probe": ours}
+    if not args.skip_torch:
+        import torch
+
+        def reference():
+            t0 = time.perf_counter()
+            val_losses = train_torch(x, y, x_val, y_val, cfg, args.threads)
+            return _timing.Measured(time.perf_counter() - t0, val_losses)
+        sides[f"torch ({torch.__version__}, {args.threads} threads)"] = reference
+    res = session.compare("SSI probe training", sides, work=steps, unit="steps")
+    hist = res.outputs["lasa_jax train_probe"]
+    print(f"jax: compile {hist['compile_seconds']:.2f} s per call (excluded), final val loss {hist['val_loss'][-1]:.4f}")
+    if not args.skip_torch:
+        print(f"torch: final val loss {res.outputs[list(sides)[1]][-1]:.4f}")
+    return session.finish(extra={"compile_seconds": hist["compile_seconds"]})
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
