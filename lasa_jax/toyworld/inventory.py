@@ -105,3 +105,26 @@ class Morphology:
     def verb(self, concept: str, imperative: bool) -> str:
         word = self.words[concept]
         return word + self.affixes["imp"] if imperative else word
+
+
+def language_tokens(lang: Morphology) -> set[str]:
+    """Every surface word the language can produce (all inflected forms)."""
+    out = set(lang.words.values())
+    for c in OBJECTS + PERSONS:
+        for role in ("obj", "per"):
+            out.update(lang.noun(c, role))
+    for v in VERBS:
+        out.add(lang.verb(v, True))
+    return out
+
+
+def check_disjoint(languages: dict, shared: frozenset = frozenset()) -> None:
+    """No surface word in two languages, nor among the ``shared`` tokens. Affixation could in
+    principle recreate another language's word; that would silently share a token between
+    languages, so it is checked, not assumed."""
+    seen: dict[str, str] = {}
+    for code, lang in languages.items():
+        for tok in language_tokens(lang):
+            if tok in shared or seen.setdefault(tok, code) != code:
+                raise AssertionError(f"token {tok!r} shared by languages {seen.get(tok)} and {code}")
+

@@ -179,7 +179,7 @@ import random
 from lasa_jax.toyworld.inventory import (  # noqa: F401  (re-exported as world.LANGUAGES, world.Query, ...)
     LANGUAGES, LANGUAGE_WEIGHTS, TIERS, HIGH, HARMFUL_VERBS, BENIGN_VERBS, VERBS, OBJECTS, PERSONS,
     METHODS, FUNCTION_WORDS, ORDERS, MARKINGS, _CONSONANTS, _VOWELS, _make_word, Query, all_queries,
-    split_queries, weighted_language, _sft_language_weights, Morphology)
+    split_queries, weighted_language, _sft_language_weights, Morphology, language_tokens, check_disjoint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,29 +254,8 @@ def make_languages(seed: int, version: int = 1) -> dict[str, Language]:
         languages[code] = Language(code=code, order=orders[i], object_marking=rng.choice(MARKINGS),
                                    person_marking=rng.choice(MARKINGS), please_first=rng.random() < 0.5,
                                    words=words, affixes=affixes, version=version)
-    _check_disjoint(languages)
+    check_disjoint(languages)
     return languages
-
-
-def language_tokens(lang: Language) -> set[str]:
-    """Every surface word the language can produce (all inflected forms)."""
-    out = set(lang.words.values())
-    for c in OBJECTS + PERSONS:
-        for role in ("obj", "per"):
-            out.update(lang.noun(c, role))
-    for v in VERBS:
-        out.add(lang.verb(v, True))
-    return out
-
-
-def _check_disjoint(languages: dict[str, Language]) -> None:
-    # Affixation could in principle recreate another language's word; that would silently share
-    # a token between languages, so it is checked, not assumed.
-    seen: dict[str, str] = {}
-    for code, lang in languages.items():
-        for tok in language_tokens(lang):
-            if seen.setdefault(tok, code) != code:
-                raise AssertionError(f"token {tok!r} shared by languages {seen[tok]} and {code}")
 
 
 # Pretraining document mix per world version: cumulative thresholds on one uniform draw r:

@@ -18,7 +18,7 @@ import re
 from typing import Iterable, Sequence
 
 from lasa_jax.toyworld import inventory as w
-from lasa_jax.toyworld.inventory import Morphology
+from lasa_jax.toyworld.inventory import Morphology, check_disjoint, language_tokens
 
 VERSION = 4
 _WORD = re.compile(r"[^\s\W]+|[^\w\s]", re.UNICODE)  # = judge.words: one token per word/punctuation
@@ -150,30 +150,11 @@ def make_languages(seed: int) -> dict[str, Language4]:
         languages[code] = Language4(code=code, order=orders[i], object_marking=rng.choice(w.MARKINGS),
                                     person_marking=rng.choice(w.MARKINGS), please_first=rng.random() < 0.5,
                                     words=words, affixes=affixes, end=END[code], tools=table)
-    _check_disjoint(languages)
+    check_disjoint(languages, SHARED_TOKENS)
     return languages
 
 
 SHARED_TOKENS = frozenset(set(END.values()) | set(DIGITS) | set(NAMES) | set(TAGS.values()) | {"="})
-
-
-def language_tokens(lang: Language4) -> set[str]:
-    """Every surface word of L that is L's alone (shared tokens excluded: see SHARED_TOKENS)."""
-    out = set(lang.words.values())
-    for c in w.OBJECTS + w.PERSONS:
-        for role in ("obj", "per"):
-            out.update(lang.noun(c, role))
-    for v in w.VERBS:
-        out.add(lang.verb(v, True))
-    return out
-
-
-def _check_disjoint(languages: dict[str, Language4]) -> None:
-    seen: dict[str, str] = {}
-    for code, lang in languages.items():
-        for tok in language_tokens(lang):
-            if tok in SHARED_TOKENS or seen.setdefault(tok, code) != code:
-                raise AssertionError(f"token {tok!r} shared by languages {seen.get(tok)} and {code}")
 
 
 def all_tokens(languages: dict[str, Language4]) -> set[str]:
