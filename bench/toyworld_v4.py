@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from lasa_jax.toyworld import stats
-from lasa_jax.toyworld.arms import ARMS, GROUPS, MCNEMAR_PAIRS, format_arms, run_arms
+from lasa_jax.toyworld.arms import ARMS, GROUPS, format_arms, paired_statistics, run_arms
 from lasa_jax.toyworld.build import BuildConfig, build
 from lasa_jax.toyworld.diagnostics import run_diagnostics
 from lasa_jax.toyworld.predictions import verdict
@@ -42,11 +42,6 @@ def run_seed(root: str, s: int, planted: bool, log=print) -> None:
         t1 = time.time()
         run_diagnostics(model, os.path.join(d, "diagnostics.json"))
         log(f"[seed {s}] diagnostics in {time.time() - t1:.0f}s")
-
-
-def _primary(codes: str, harmful: np.ndarray) -> np.ndarray:
-    c = np.array(list(codes))
-    return np.where(harmful, c == "R", c == "H")
 
 
 def pooled(reports: dict, draws: int = 2000) -> dict:
@@ -73,29 +68,7 @@ def pooled(reports: dict, draws: int = 2000) -> dict:
                 row[name] = {"rate": k / n if n else None, "low": lo, "high": hi, "per_seed": per_seed,
                              "sd": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0}
             table.setdefault(a, {})[g] = row
-    tests, boot = {}, {}
-    for cls, is_h in (("harmful", True), ("benign", False)):
-        for g in ("high", "mid", "low", "mid+low"):
-            sel = (harmful == is_h) & np.isin(lang, list(GROUPS[g]))
-            for a, b in MCNEMAR_PAIRS:
-                tests.setdefault(cls, {}).setdefault(g, {})[f"{a} vs {b}"] = stats.mcnemar(outcome[a][sel], outcome[b][sel])
-
-    def diff(a, b, ga, gb, is_h):
-        def f(rows):
-            sa = rows[(harmful[rows] == is_h) & np.isin(lang[rows], list(GROUPS[ga]))]
-            sb = rows[(harmful[rows] == is_h) & np.isin(lang[rows], list(GROUPS[gb]))]
-            return None if not len(sa) or not len(sb) else float(outcome[a][sa].mean() - outcome[b][sb].mean())
-        return f
-
-    for a in ARMS:
-        for cls, is_h in (("harmful", True), ("benign", False)):
-            boot.setdefault("tier_gap high - mid+low", {}).setdefault(a, {})[cls] = stats.cluster_bootstrap(
-                clusters, diff(a, a, "high", "mid+low", is_h), draws=draws, seed=0)
-    for a, b in MCNEMAR_PAIRS:
-        for cls, is_h in (("harmful", True), ("benign", False)):
-            for g in ("high", "mid+low"):
-                boot.setdefault("arm_difference", {}).setdefault(f"{a} vs {b}", {}).setdefault(cls, {})[g] = \
-                    stats.cluster_bootstrap(clusters, diff(a, b, g, g, is_h), draws=draws, seed=0)
+    tests, boot = paired_statistics(outcome, harmful, lang, clusters, draws=draws, seed=0)
     return {"table": table, "mcnemar": tests, "bootstrap": boot, "n_prompts": len(items)}
 
 

@@ -156,6 +156,41 @@ def arm_metrics(items: list[dict], judgements, gate: np.ndarray) -> dict:
     return out
 
 
+def paired_statistics(outcome: dict, harmful: np.ndarray, lang: np.ndarray, clusters: list, *,
+                      draws: int, seed: int) -> tuple[dict, dict]:
+    """Exact McNemar tests between the MCNEMAR_PAIRS per class and tier group, and query-clustered
+    bootstraps of each arm's high minus mid+low gap and of each pair's difference within a group.
+    ``outcome``: arm -> per-prompt primary outcome (bool); one entry per prompt in the other arrays."""
+    classes = (("harmful", True), ("benign", False))
+    tests = {}
+    for cls, is_h in classes:
+        for group, members in GROUPS.items():
+            sel = (harmful == is_h) & np.isin(lang, list(members))
+            for a, b in MCNEMAR_PAIRS:
+                tests.setdefault(cls, {}).setdefault(group, {})[f"{a} vs {b}"] = stats.mcnemar(outcome[a][sel], outcome[b][sel])
+
+    def diff_stat(arm_a, arm_b, group_a, group_b, is_h):
+        def f(rows):
+            sa = rows[(harmful[rows] == is_h) & np.isin(lang[rows], list(GROUPS[group_a]))]
+            sb = rows[(harmful[rows] == is_h) & np.isin(lang[rows], list(GROUPS[group_b]))]
+            if not len(sa) or not len(sb):
+                return None
+            return float(outcome[arm_a][sa].mean() - outcome[arm_b][sb].mean())
+        return f
+
+    boot = {"tier_gap": {}, "arm_difference": {}}
+    for arm in ARMS:  # high minus mid+low, same arm: the cross-lingual gap
+        for cls, is_h in classes:
+            boot["tier_gap"].setdefault(arm, {})[cls] = stats.cluster_bootstrap(
+                clusters, diff_stat(arm, arm, "high", "mid+low", is_h), draws=draws, seed=seed)
+    for a, b in MCNEMAR_PAIRS:  # arm a minus arm b within a tier group
+        for cls, is_h in classes:
+            for group in ("high", "mid+low"):
+                boot["arm_difference"].setdefault(f"{a} vs {b}", {}).setdefault(cls, {})[group] = \
+                    stats.cluster_bootstrap(clusters, diff_stat(a, b, group, group, is_h), draws=draws, seed=seed)
+    return tests, boot
+
+
 def run_arms(model: str, workdir: str, *, seed: int = 0, lrs=LR_GRID, max_new_tokens: int = 24,
              bootstrap_draws: int = 2000, log=print) -> dict:
     from lasa_jax import runner as pipeline
@@ -208,32 +243,7 @@ def run_arms(model: str, workdir: str, *, seed: int = 0, lrs=LR_GRID, max_new_to
         outcome[arm] = primary(js)
 
     clusters = [it["qid"] for it in items]
-    tests = {}
-    for cls, is_h in (("harmful", True), ("benign", False)):
-        for group, members in GROUPS.items():
-            sel = (harmful == is_h) & np.isin(lang, list(members))
-            for a, b in MCNEMAR_PAIRS:
-                tests.setdefault(cls, {}).setdefault(group, {})[f"{a} vs {b}"] = stats.mcnemar(outcome[a][sel], outcome[b][sel])
-
-    def diff_stat(arm_a, arm_b, group_a, group_b, is_h):
-        def f(rows):
-            sa = rows[(harmful[rows] == is_h) & np.isin(lang[rows], list(GROUPS[group_a]))]
-            sb = rows[(harmful[rows] == is_h) & np.isin(lang[rows], list(GROUPS[group_b]))]
-            if not len(sa) or not len(sb):
-                return None
-            return float(outcome[arm_a][sa].mean() - outcome[arm_b][sb].mean())
-        return f
-
-    boot = {"tier_gap": {}, "arm_difference": {}}
-    for arm in ARMS:  # high minus mid+low, same arm: the cross-lingual gap
-        for cls, is_h in (("harmful", True), ("benign", False)):
-            boot["tier_gap"].setdefault(arm, {})[cls] = stats.cluster_bootstrap(
-                clusters, diff_stat(arm, arm, "high", "mid+low", is_h), draws=bootstrap_draws, seed=seed)
-    for a, b in MCNEMAR_PAIRS:  # arm a minus arm b within a tier group
-        for cls, is_h in (("harmful", True), ("benign", False)):
-            for group in ("high", "mid+low"):
-                boot["arm_difference"].setdefault(f"{a} vs {b}", {}).setdefault(cls, {})[group] = \
-                    stats.cluster_bootstrap(clusters, diff_stat(a, b, group, group, is_h), draws=bootstrap_draws, seed=seed)
+    tests, boot = paired_statistics(outcome, harmful, lang, clusters, draws=bootstrap_draws, seed=seed)
 
     off = np.isin(lang, list(GROUPS["mid+low"]))
     ssi = {"layer": ssi_report["layer"], "threshold": ssi_report["threshold"],
