@@ -89,8 +89,8 @@ from lasa_jax.model.transformer import KVCache  # noqa: E402
 
 def decode_step_fn(module, params, cur, cur_valid, cache):
     """One decode step as the while-loop body of ``generate._build_generate_fn`` runs it (greedy
-    token choice included). Kept apart on purpose: the KV cache and the decode layout are being
-    rewritten, and this adapter is the one place to follow them."""
+    token choice included), on whatever mesh its params are placed (see ``decode_program``).
+    generate builds that body inside its jitted loop; this is the one place to follow it."""
     res = module.apply({"params": params}, cur[:, None], cur_valid[:, None], cache=cache)
     return jnp.argmax(res.logits[:, 0], axis=-1).astype(jnp.int32), res.cache
 
