@@ -169,6 +169,21 @@ def test_decode_layout_on_8_devices_is_token_identical(mesh_shape, tensor, ckpt_
     assert ours == _hf_generate(hf, prompts)
 
 
+def test_decode_layout_bf16_is_token_identical_to_one_device(ckpt_dir):
+    """The paper models decode in bf16: the replicated decode layout, resharded from an FSDP
+    layout on 8 devices, gives the same greedy tokens as one device in bf16 (exact: same weights,
+    the same per-row arithmetic; a bf16 rounding difference would show as a changed token)."""
+    path = str(ckpt_dir / "llama3_f8")
+    _models("llama3_f8", ckpt_dir)  # writes the checkpoint
+    single = load_model(path, dtype="bfloat16", tokenizer=False)
+    sharded = load_model(path, dtype="bfloat16", tokenizer=False, mesh=shd.make_mesh(1, 8, 1))
+    decoding = sharded.for_decoding(1)
+    assert jax.tree.leaves(decoding.params)[0].dtype == jnp.bfloat16
+    prompts = _prompts(seed=6)
+    ours = generate(decoding, prompts, max_new_tokens=NEW, eos_ids=[], progress=False)
+    assert ours == generate(single, prompts, max_new_tokens=NEW, eos_ids=[], progress=False)
+
+
 def _decode_step_collective_fraction(lm, batch=8, slots=64):
     """Collective result bytes of one compiled decode step over the model's weight bytes. One
     layer, so that the layer scan's body (which the HLO text holds once) runs once per step."""
