@@ -1,7 +1,7 @@
 """All-layer last-token feature extraction: lasa_jax against transformers, same model, same batch.
 
     PYTHONPATH=. python bench/features.py [--batch 16] [--min-len 64] [--max-len 256] [--rounds 5] [--json PATH]
-                                          [--breakdown]
+                                          [--prompts 128] [--breakdown]
 
 Model: a random LLaMA-shaped checkpoint (~60M parameters: hidden 512, 8 layers, 8 heads / 4 KV
 heads, MLP 1536, vocab 32000) written locally with ``save_pretrained`` and loaded by both sides
@@ -14,6 +14,10 @@ hidden state at each row's last real token, per layer. The same forward without 
 so is our own full forward with the LM head (``LanguageModel.logits``): with the analytic FLOP
 count of each call, the GFLOP/s column shows whether a difference comes from doing less work or
 from doing it faster.
+Prompt set (``--prompts``): the same comparison over a whole set, each side with its own loop:
+MultiJail prompts' real lengths (Llama-3.1 chat template, real tokenizer; random ids of those
+lengths), ours through ``features_of_ids`` (prompts packed several to a row, segments kept
+apart), the authors' in input order, each batch right-padded to its longest prompt.
 Throughput counts real (non-pad) tokens. Timing through bench/_timing.py: the first call of each
 side (jit compile, torch warm-up) is reported on its own, then the sides alternate for --rounds
 rounds; ratios are medians over rounds with their min-max, withheld when the load average exceeds
@@ -59,6 +63,38 @@ def make_batch(batch: int, min_len: int, max_len: int, vocab: int, seed: int = 0
         tokens[i, :n] = rng.integers(1, vocab, size=n)
         mask[i, :n] = True
     return tokens, mask
+
+
+def multijail_lengths(n: int, seed: int = 0) -> list[int]:
+    """Token lengths of ``n`` MultiJail prompts (a seeded sample over all languages), chat-templated
+    with the real Llama-3.1-Instruct tokenizer: the length mix a LASA run meets."""
+    import json
+    from tests.real_models import load_real_tokenizer
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests", "fixtures",
+                        "authors_data", "examples", "multijail_1k.json")
+    with open(path, encoding="utf-8") as f:
+        prompts = [r["prompt"] for r in json.load(f)]
+    pick = np.random.default_rng(seed).choice(len(prompts), size=n, replace=False)
+    with tempfile.TemporaryDirectory(prefix="bench-tok-") as d:
+        tok = load_real_tokenizer("llama3_1_instruct", d)
+        texts = [tok.apply_chat_template([{"role": "user", "content": prompts[i]}], tokenize=False,
+                                         add_generation_prompt=True) for i in pick]
+        return [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+def authors_features(model, ids: list[list[int]], batch: int) -> np.ndarray:
+    """(L+1, N, d): the authors' loop over a prompt set: batches in input order, each padded to
+    its longest prompt (right), a CausalLM forward with every hidden state, the last real token."""
+    out = []
+    for i in range(0, len(ids), batch):
+        chunk = ids[i:i + batch]
+        T = max(map(len, chunk))
+        tok = torch.zeros(len(chunk), T, dtype=torch.long)
+        mask = torch.zeros(len(chunk), T, dtype=torch.long)
+        for r, x in enumerate(chunk):
+            tok[r, :len(x)], mask[r, :len(x)] = torch.tensor(x), 1
+        out.append(hf_features(model, tok, mask, mask.sum(1) - 1).numpy())
+    return np.concatenate(out, axis=1)
 
 
 def hf_features(model, tokens: torch.Tensor, mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -124,6 +160,8 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--min-len", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--prompts", type=int, default=128,
+                    help="prompt-set comparison: this many MultiJail prompt lengths (0 = skip)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time one layer's components (MLP, projections, attention, LM head)")
     _timing.add_arguments(ap)
@@ -164,9 +202,40 @@ def main():
         print(f"{name:<38} {gf:>6.0f} GFLOP  {gf / res.median(name):>8.1f} GFLOP/s")
     print("target: >= 2x the authors' path (transformers CausalLM, hidden_states)")
     print(f"max |ours - transformers| over all {len(ours)} layers: {err:.2e} (float32)")
+    extra = {"max_abs_diff": err, "real_tokens": real, "padded_tokens": B * T}
+    if args.prompts:
+        extra.update(prompt_set(session, lm, hf, args))
     if args.breakdown:
         breakdown(MODEL, B, T, max(3, args.rounds))
-    return session.finish(extra={"max_abs_diff": err, "real_tokens": real, "padded_tokens": B * T})
+    return session.finish(extra=extra)
+
+
+def prompt_set(session, lm, hf, args) -> dict:
+    """Every prompt of a set through each side's whole loop: ours packs several prompts per row
+    (lasa_jax.model.features.features_of_ids), the authors' pads batches in input order."""
+    from lasa_jax.model.features import features_of_ids
+    from lasa_jax.model.packing import pack
+    lengths = multijail_lengths(args.prompts)
+    rng = np.random.default_rng(1)
+    ids = [rng.integers(1, MODEL["vocab_size"], n).tolist() for n in lengths]
+    real = sum(lengths)
+    ours_slots = sum(b.tokens.size for b in pack(ids, rows=args.batch, pad_id=0))
+    theirs_slots = sum(len(ids[i:i + args.batch]) * max(lengths[i:i + args.batch])
+                       for i in range(0, len(ids), args.batch))
+    print(f"\nprompt set: {len(ids)} MultiJail prompts (Llama-3.1 chat template lengths {min(lengths)}-"
+          f"{max(lengths)}, median {int(np.median(lengths))}), {real} real tokens, batches of {args.batch}; "
+          f"padding: ours (packed) {1 - real / ours_slots:.1%} of {ours_slots} positions, "
+          f"authors' (input order, padded to the batch's longest) {1 - real / theirs_slots:.1%} of {theirs_slots}")
+    res = session.compare("prompt set", {
+        "lasa_jax features_of_ids (packed)": lambda: features_of_ids(lm, ids, batch_size=args.batch, progress=False),
+        "authors' loop (transformers CausalLM)": lambda: authors_features(hf, ids, args.batch),
+    }, work=real, unit="tokens")
+    err = float(np.abs(res.outputs["lasa_jax features_of_ids (packed)"]
+                       - res.outputs["authors' loop (transformers CausalLM)"]).max())
+    print("target: >= 2x the authors' path")
+    print(f"max |ours - transformers| over all prompts and layers: {err:.2e} (float32)")
+    return {"prompt_set_max_abs_diff": err, "prompt_set_real_tokens": real,
+            "prompt_set_padding_ours": 1 - real / ours_slots, "prompt_set_padding_authors": 1 - real / theirs_slots}
 
 
 if __name__ == "__main__":

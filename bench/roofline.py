@@ -15,16 +15,19 @@ all-to-all / collective-permute and its shapes). Three programs per model:
    remat policy ("full") and, for comparison, "none".
 2. **decode step**: one step of the ``while_loop`` body of ``lasa_jax.model.generate``, through the
    adapter ``decode_step_fn`` below; batch 64, a cache of 1024 slots (512 prompt + 512 new), its
-   index at 768 (mid-generation); params on ``LanguageModel.for_decoding``'s mesh (data, 1,
-   tensor; ``--decode-layout train`` for the training mesh, the layout before it existed).
+   index at 768 (mid-generation); on ``LanguageModel.for_decoding``'s copy (mesh (data, 1,
+   tensor), one weight tree and one cache array per layer, blocks unrolled); ``--decode-layout
+   train`` for the training model (FSDP mesh, stacked weights and cache), the layout before.
 3. **features** (``LanguageModel._features_fn``: capture "last", no logits), batch 64 x 512.
 
 **While loops.** XLA's cost analysis counts a ``while`` body once, whatever its trip count (this
 script's ``--check-while`` prints the evidence: a scanned 1-, 2- and 4-layer model report the same
 FLOPs). The layer scan is a while loop, so each program is compiled with the scan fully unrolled
-(``Transformer.scan_unroll=True``) for 1 and 2 layers and every cost is extrapolated linearly in
-depth: cost(L) = c(1) + (L - 1) * (c(2) - c(1)). The decoder layers are identical, so this is exact
-up to XLA's fusion choices; tests/test_roofline.py checks it against an unrolled 4-layer compile.
+(``Transformer.scan_unroll=True``; the decode copy is unrolled already) for 1 and 2 layers and
+every cost is extrapolated linearly in depth: cost(L) = c(1) + (L - 1) * (c(2) - c(1)). The decoder
+layers are identical, so this is exact up to XLA's fusion choices; tests/test_roofline.py checks it
+against an unrolled 4-layer compile (the training layout's decode step is the exception: it grows
+faster than linearly, see below).
 
 **Floors** (N = matmul parameters: q, k, v, o, gate, up, down of every layer plus the LM head;
 not the embedding, a lookup, nor norms and biases; B x T tokens; n heads of size hd; L layers;
@@ -40,9 +43,9 @@ attn = 2*B*T^2*n*hd*L, the FLOPs of QK^T and PV of one causal forward, i.e. half
 - decode bytes: every weight read once (the embedding only for the B looked-up rows) plus the
   live K/V (2*L*B*768*kv_heads*hd*c). ``decode_bytes_ratio`` on the decode layout = XLA bytes
   accessed per device / (weights / tensor + K/V / devices), what one device must read; on the
-  training layout = XLA bytes accessed (x 8) / floor. The decode step's cost grows faster than
-  linearly in depth (KV cache in the scan carry), so its extrapolation under-counts (see
-  tests/test_roofline.py).
+  training layout = XLA bytes accessed (x 8) / floor. On the training layout XLA:CPU copies each
+  layer's weights and cache out of the stacked arrays, and that step's cost grows faster than
+  linearly in depth, so its extrapolation under-counts (see tests/test_roofline.py).
   ``decode_collective_fraction`` = XLA collective bytes per device per step / weight bytes.
 - features FLOPs: 2*(N - LM head)*B*T + attn. ``features_flops_ratio`` = XLA FLOPs (x 8) / floor.
 
@@ -57,13 +60,18 @@ parameter = its full size).
 is left out (collectives assumed fully overlapped), so both are upper bounds.
 
 **Caveat: XLA's CPU backend.** It has no bf16 GEMM and converts bf16 matmul operands to float32,
-so bytes accessed include float32 copies an accelerator does not make; FLOPs and collectives do
-not depend on that. Attention runs XLA's dense implementation (full T x T, masked), as on CPU.
+so bytes accessed include float32 copies an accelerator does not make (a bf16 decode step reads
+each weight as bf16, writes it as float32 and reads that: ~5x the bf16 weight bytes; ``--dtype
+float32`` shows the program's own traffic); FLOPs and collectives do not depend on that. XLA's
+cost analysis also counts the embedding lookup (a gather of B rows) as a read of the whole table
+(checked: a gather of 8 rows of a 128256 x 4096 float32 table reports 2.1 GB); that is in the
+decode bytes (an in-place cache update is counted as its slot only). Attention runs XLA's dense implementation (full T x T, masked), as on CPU.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -84,7 +92,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 from lasa_jax.infra import mesh as shd  # noqa: E402
 from lasa_jax.infra.fitcheck import dtype_bytes  # noqa: E402
 from lasa_jax.method.trainer import Trainer, abstract_model, batch_shapes  # noqa: E402
-from lasa_jax.model.transformer import KVCache  # noqa: E402
+from lasa_jax.model.lm import unstacked_shardings  # noqa: E402
+from lasa_jax.model.transformer import KVCache, unstack_layers  # noqa: E402
 
 
 def decode_step_fn(module, params, cur, cur_valid, cache):
@@ -194,22 +203,39 @@ def train_program(cfg, mesh, *, dtype, param_dtype, remat, acfg):
                                       precomputed=precomputed))
 
 
-def decode_program(cfg, mesh, *, dtype, param_dtype, batch, slots):
+def decode_program(cfg, mesh, *, dtype, param_dtype, batch, slots, layout):
+    """One decode step mid-generation. ``layout`` "decode": as ``generate`` runs it, on
+    ``LanguageModel.for_decoding``'s copy (one weight tree and one cache array per layer, the
+    blocks unrolled); "train": on the training model (stacked weights and cache, scanned layers,
+    here unrolled for the cost analysis)."""
     lm = _unrolled_model(cfg, mesh, dtype, param_dtype)
     S = jax.ShapeDtypeStruct
     spec = lambda axes, shape: NamedSharding(mesh, shd.logical_spec(axes, shape, mesh))
-    kv_shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
-    kv_sh = spec(("layers", "batch", "length", "kv_heads", "head_dim"), kv_shape)
+    layer_shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
     dt = jnp.dtype(lm.dtype)
-    cache = KVCache(S(kv_shape, dt, sharding=kv_sh), S(kv_shape, dt, sharding=kv_sh),
-                    S((batch, slots), jnp.bool_, sharding=spec(("batch", "length"), (batch, slots))),
+    params = _sharded_params(lm)
+    if layout == "decode":
+        module = lm.module.clone(scan_layers=False)
+        sh = unstacked_shardings(cfg, mesh)
+        params = jax.tree.map(lambda x, s: S(x.shape, x.dtype, sharding=s),
+                              jax.eval_shape(functools.partial(unstack_layers, num_layers=cfg.num_layers),
+                                             params), sh)
+        kv_sh = spec(("batch", "length", "kv_heads", "head_dim"), layer_shape)
+        kv = tuple(S(layer_shape, dt, sharding=kv_sh) for _ in range(cfg.num_layers))
+        kv_out = (kv_sh,) * cfg.num_layers
+    else:
+        module = lm.module
+        kv_shape = (cfg.num_layers, *layer_shape)
+        kv_out = spec(("layers", "batch", "length", "kv_heads", "head_dim"), kv_shape)
+        kv = S(kv_shape, dt, sharding=kv_out)
+    cache = KVCache(kv, kv, S((batch, slots), jnp.bool_, sharding=spec(("batch", "length"), (batch, slots))),
                     S((), jnp.int32, sharding=shd.replicated(mesh)))
     row = shd.batch_sharding(mesh, 1)
     cur, valid = S((batch,), jnp.int32, sharding=row), S((batch,), jnp.bool_, sharding=row)
-    cache_sh = KVCache(kv_sh, kv_sh, cache.key_valid.sharding, cache.index.sharding)
+    cache_sh = KVCache(kv_out, kv_out, cache.key_valid.sharding, cache.index.sharding)
     # The cache is donated and keeps its sharding, as a while-loop carry does.
     fn = jax.jit(decode_step_fn, static_argnums=0, donate_argnums=4, out_shardings=(row, cache_sh))
-    return fn.lower(lm.module, _sharded_params(lm), cur, valid, cache)
+    return fn.lower(module, params, cur, valid, cache)
 
 
 def features_program(cfg, mesh, *, dtype, param_dtype, batch, length):
@@ -291,7 +317,8 @@ def measure(name: str, args) -> dict:
         tensor = shd.decode_tensor_size(int(arch.num_params() * p_bytes), devices, mesh.shape["tensor"],
                                         int(args.device_gb * 2**30))
         dmesh = shd.decode_mesh(mesh, tensor)
-    dec = depth_cost(lambda cf: decode_program(cf, dmesh, batch=args.batch, slots=args.slots, **kw), arch)
+    dec = depth_cost(lambda cf: decode_program(cf, dmesh, batch=args.batch, slots=args.slots,
+                                               layout=args.decode_layout, **kw), arch)
     dfloor = decode_floors(arch, batch=args.batch, live=args.live, param_bytes=p_bytes, cache_bytes=c_bytes)
     row["decode"] = {"xla": dec, "floor": dfloor, "batch": args.batch, "slots": args.slots, "live": args.live,
                      "layout": args.decode_layout, "mesh": dict(dmesh.shape)}

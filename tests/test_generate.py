@@ -14,7 +14,7 @@ import torch
 from lasa_jax.infra import mesh as shd
 from lasa_jax.model.checkpoint import unflatten
 from lasa_jax.model.generate import _select_tokens, generate
-from lasa_jax.model.lm import LanguageModel, load_model, param_shardings
+from lasa_jax.model.lm import LanguageModel, load_model, pad_batch, param_shardings
 from lasa_jax.model.tiny import tiny_model_config
 from lasa_jax.model.transformer import KVCache, init_params
 from tests.hf_models import make_hf_model, save_hf_model
@@ -169,10 +169,30 @@ def test_decode_layout_on_8_devices_is_token_identical(mesh_shape, tensor, ckpt_
     assert ours == _hf_generate(hf, prompts)
 
 
-def test_decode_layout_bf16_is_token_identical_to_one_device(ckpt_dir):
+BF16_TIE = 0.05  # logit gap (float32 logits of a bf16 model) that a bf16 rounding can flip
+
+
+def _deficit_at_divergence(lm, prompt, reference, candidate):
+    """Where two greedy continuations of ``prompt`` first differ, teacher-forced on their common
+    prefix: how far ``lm``'s logit of the ``candidate``'s token falls below its best logit (None
+    when they never differ)."""
+    k = next((i for i, (a, b) in enumerate(zip(reference, candidate)) if a != b), None)
+    if k is None:
+        return None
+    seq = list(prompt) + list(candidate[:k])
+    logits = np.asarray(lm.logits(np.asarray([seq], np.int32), np.ones((1, len(seq)), bool)))[0, -1]
+    return float(logits.max() - logits[candidate[k]])
+
+
+def test_decode_layout_bf16_matches_one_device_up_to_rounding_ties(ckpt_dir):
     """The paper models decode in bf16: the replicated decode layout, resharded from an FSDP
-    layout on 8 devices, gives the same greedy tokens as one device in bf16 (exact: same weights,
-    the same per-row arithmetic; a bf16 rounding difference would show as a changed token)."""
+    layout on 8 devices, against one device's scanned (training-layout) model in bf16. The two
+    are different XLA programs (unrolled per-layer weights, 1 row per device vs 8), so a bf16
+    rounding may differ; greedy tokens must agree wherever the reference's choice is not a
+    near-tie: at the first differing token the one-device training-layout model's best logit
+    leads its logit of the decode layout's choice by at most BF16_TIE (a resharding error would show as a token it clearly rejects).
+    The teacher-forced logits must agree to bf16 precision too (max |diff| <= 0.05, logits of
+    magnitude ~1)."""
     path = str(ckpt_dir / "llama3_f8")
     _models("llama3_f8", ckpt_dir)  # writes the checkpoint
     single = load_model(path, dtype="bfloat16", tokenizer=False)
@@ -181,7 +201,14 @@ def test_decode_layout_bf16_is_token_identical_to_one_device(ckpt_dir):
     assert jax.tree.leaves(decoding.params)[0].dtype == jnp.bfloat16
     prompts = _prompts(seed=6)
     ours = generate(decoding, prompts, max_new_tokens=NEW, eos_ids=[], progress=False)
-    assert ours == generate(single, prompts, max_new_tokens=NEW, eos_ids=[], progress=False)
+    theirs = generate(single, prompts, max_new_tokens=NEW, eos_ids=[], progress=False)  # 1 device
+    for prompt, ref, row in zip(prompts, theirs, ours):
+        deficit = _deficit_at_divergence(single, prompt, ref, row)
+        assert deficit is None or deficit <= BF16_TIE, (deficit, ref, row)
+    tokens, mask = pad_batch([p + row for p, row in zip(prompts, ours)], 0, padding_side="left",
+                             batch_multiple=8)
+    a, b = np.asarray(single.logits(tokens, mask)), np.asarray(decoding.logits(tokens, mask))
+    np.testing.assert_allclose(b[mask], a[mask], atol=0.05, rtol=0)
 
 
 def _decode_step_collective_fraction(lm, batch=8, slots=64):

@@ -41,12 +41,14 @@ def test_features_identical_under_padding_side_and_batch_composition(tiny, texts
     lm = load_model(tiny)
     right = extract_features(lm, texts, batch_size=8, padding_side="right", progress=False)
     left = extract_features(lm, texts, batch_size=8, padding_side="left", progress=False)
-    one = extract_features(lm, texts, batch_size=1, progress=False)
+    one = extract_features(lm, texts, batch_size=1, padding_side="right", progress=False)
+    packed = extract_features(lm, texts, batch_size=4, progress=False)  # the default: packed rows
     perm = np.random.default_rng(0).permutation(len(texts))
     shuffled = extract_features(lm, [texts[i] for i in perm], batch_size=5, padding_side="left",
                                 progress=False)
     np.testing.assert_allclose(left, right, atol=TOL, rtol=0)
     np.testing.assert_allclose(one, right, atol=TOL, rtol=0)
+    np.testing.assert_allclose(packed, right, atol=TOL, rtol=0)
     np.testing.assert_allclose(shuffled, right[:, perm], atol=TOL, rtol=0)
     assert right.shape == (lm.cfg.num_layers + 1, len(texts), lm.cfg.hidden_size)
 

@@ -96,7 +96,7 @@ def _build_generate_fn(module):
     def fn(params, tokens, mask, row_valid, row_ids, key, sample, temperature, top_p, eos, pad_id,
            *, max_new_tokens: int):
         B, T = tokens.shape
-        cache = KVCache.empty(cfg, B, T + max_new_tokens, dtype)
+        cache = KVCache.empty(cfg, B, T + max_new_tokens, dtype, stacked=module.scan_layers)
         if T > 1:
             # The last prompt column is fed by the first loop step, which yields the logits of
             # the first new token; the prefill itself needs no logits (a (B, T, V) array).

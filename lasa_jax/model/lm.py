@@ -23,7 +23,8 @@ from lasa_jax.infra import mesh as shd
 from lasa_jax.model import checkpoint as ckpt
 from lasa_jax.model.config import ModelConfig, check_expected, from_hf_config
 from lasa_jax.model.lengths import PromptBound, template_tail
-from lasa_jax.model.transformer import Transformer, param_specs
+from lasa_jax.model.packing import PackedBatch
+from lasa_jax.model.transformer import Transformer, param_specs, unstack_layers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -90,13 +91,22 @@ def param_shardings(cfg: ModelConfig, mesh) -> dict:
                                {p: shape for p, (shape, _) in specs.items()}, mesh)
 
 
+def unstacked_shardings(cfg: ModelConfig, mesh) -> dict:
+    """The shardings of ``unstack_layers(params)`` on ``mesh`` (as a tree): each layer's arrays
+    as the stacked ones without their leading "layers" dimension."""
+    stacked = ckpt.unflatten(param_shardings(cfg, mesh))
+    layer = jax.tree.map(lambda sh: jax.NamedSharding(mesh, jax.P(*sh.spec[1:])), stacked["layers"])
+    return {**{k: v for k, v in stacked.items() if k != "layers"},
+            **{f"layers_{i}": layer for i in range(cfg.num_layers)}}
+
+
 class LanguageModel:
     """A decoder, its parameters (placed on ``mesh``) and its tokenizer."""
 
     def __init__(self, cfg: ModelConfig, params: dict, *, tokenizer=None, path: str | None = None,
                  mesh=None, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                  remat: str = "none", attention_impl: str | None = None,
-                 chat_template_kwargs: dict | None = None):
+                 chat_template_kwargs: dict | None = None, scan_layers: bool = True):
         self.cfg, self.params, self.tokenizer, self.path, self.mesh = cfg, params, tokenizer, path, mesh
         self.decode_layout = False  # True on the copy for_decoding returns
         self._decoding = None
@@ -106,7 +116,8 @@ class LanguageModel:
         self.dtype, self.param_dtype = as_dtype(dtype), as_dtype(param_dtype)
         act = shd.activation_sharding(mesh) if mesh is not None else None
         self.module = Transformer(cfg, dtype=self.dtype, param_dtype=self.param_dtype, remat=remat,
-                                  attention_impl=attention_impl, activation_sharding=act)
+                                  attention_impl=attention_impl, activation_sharding=act,
+                                  scan_layers=scan_layers)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -142,33 +153,40 @@ class LanguageModel:
         return other
 
     def for_decoding(self, tensor: int | None = None) -> "LanguageModel":
-        """This model with its weights resharded once for token-by-token generation: on the same
-        devices as a (data, 1, tensor) mesh (``mesh.decode_mesh``), so a decode step gathers no
-        FSDP-sharded weights. ``tensor`` None picks the width by ``mesh.decode_tensor_size``
-        (replicated when the weights fit in half a device). The copy is kept on this model and
-        reused (``generate`` calls this); drop this model to free the training layout."""
-        if self.mesh is None or self.decode_layout:
+        """This model's copy for token-by-token generation, made once and kept on this model
+        (``generate`` calls this): one parameter tree per layer (``unstack_layers``), so a decode
+        step reads each layer's weights in place rather than a slice copied out of the stacked
+        arrays; on a mesh, resharded onto the same devices as a (data, 1, tensor) mesh
+        (``mesh.decode_mesh``), so a step gathers no FSDP-sharded weights. ``tensor`` None picks
+        the width by ``mesh.decode_tensor_size`` (replicated when the weights fit in half a
+        device). The copy holds the weights a second time: drop this model when only decoding
+        follows."""
+        if self.decode_layout:
             return self
-        if tensor is None:
-            if self._decoding is not None:
-                return self._decoding
-            nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
-            tensor = shd.decode_tensor_size(nbytes, self.mesh.size, self.mesh.shape["tensor"],
-                                            shd.device_memory_bytes())
-        if self.mesh.shape["fsdp"] == 1 and self.mesh.shape["tensor"] == tensor:
-            return self  # already a decode layout
-        mesh = shd.decode_mesh(self.mesh, tensor)
-        params = jax.device_put(self.params, ckpt.unflatten(param_shardings(self.cfg, mesh)))
+        if tensor is None and self._decoding is not None:
+            return self._decoding
+        mesh, shardings = None, None
+        if self.mesh is not None:
+            if tensor is None:
+                nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+                tensor = shd.decode_tensor_size(nbytes, self.mesh.size, self.mesh.shape["tensor"],
+                                                shd.device_memory_bytes())
+            mesh = shd.decode_mesh(self.mesh, tensor)
+            shardings = unstacked_shardings(self.cfg, mesh)
+        params = jax.jit(functools.partial(unstack_layers, num_layers=self.cfg.num_layers),
+                         out_shardings=shardings)(self.params)
         other = LanguageModel(self.cfg, params, tokenizer=self.tokenizer, path=self.path, mesh=mesh,
-                              dtype=self.dtype, param_dtype=self.param_dtype, remat=self.module.remat,
+                              dtype=self.dtype, param_dtype=self.param_dtype, remat="none",
                               attention_impl=self.module.attention_impl,
-                              chat_template_kwargs=self.chat_template_kwargs)
+                              chat_template_kwargs=self.chat_template_kwargs, scan_layers=False)
         other.decode_layout = True
         self._decoding = other
         return other
 
     def save(self, out_dir: str, *, dtype: str | Any | None = None, max_shard_bytes: int = 2 << 30) -> str:
         """Export as an HF checkpoint directory (tokenizer and generation files copied over)."""
+        if self.decode_layout:
+            raise ValueError("save the model for_decoding was called on, not its decode copy")
         return ckpt.save_params(self.params, self.cfg, out_dir, source_dir=self.path,
                                 dtype=as_dtype(dtype) if dtype else None, max_shard_bytes=max_shard_bytes)
 
@@ -248,6 +266,24 @@ class LanguageModel:
             hidden = state["intermediates"]["hidden_states"][0]  # (L+1, B, d)
             return hidden[jnp.asarray(layers)].astype(jnp.float32)
         return jax.jit(fn, static_argnums=3)
+
+    @functools.cached_property
+    def _packed_features_fn(self):
+        module = self.module
+
+        def fn(params, tokens, segments, last, layers):
+            _, state = module.apply({"params": params}, tokens, capture="last", return_logits=False,
+                                    segment_ids=segments, capture_index=last, mutable=["intermediates"])
+            hidden = state["intermediates"]["hidden_states"][0]  # (L+1, rows, K, d)
+            return hidden[jnp.asarray(layers)].astype(jnp.float32)
+        return jax.jit(fn, static_argnums=4)
+
+    def packed_features(self, batch: PackedBatch, layers: Sequence[int] | None = None) -> jax.Array:
+        """(len(layers), rows, K, d) float32: ``features`` of every prompt packed in ``batch``
+        (``lasa_jax.model.packing``), at [:, row, k] for its (row, k) in ``batch.items``."""
+        layers = self.check_layers(layers)
+        arrays = self._place(batch.tokens, batch.segment_ids, batch.last)
+        return self._packed_features_fn(self.params, *arrays, layers)
 
     def logits(self, tokens, mask) -> jax.Array:
         """(B, T, vocab) float32 logits for a padded batch."""

@@ -46,18 +46,23 @@ def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], axes: tup
 
 
 class KVCache(NamedTuple):
-    """Stacked per-layer cache. k, v: (layers, batch, slots, kv_heads, head_dim);
-    key_valid: (batch, slots) bool; index: first free slot (same for every row)."""
-    k: jax.Array
-    v: jax.Array
+    """Per-layer keys and values. k, v: one stacked (layers, batch, slots, kv_heads, head_dim)
+    array for the scanned model, a tuple of per-layer (batch, slots, kv_heads, head_dim) arrays
+    for the unrolled one (``scan_layers=False``); key_valid: (batch, slots) bool; index: first
+    free slot (same for every row)."""
+    k: Any
+    v: Any
     key_valid: jax.Array
     index: jax.Array
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, slots: int, dtype: Any) -> "KVCache":
-        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+    def empty(cls, cfg: ModelConfig, batch: int, slots: int, dtype: Any, *, stacked: bool = True) -> "KVCache":
+        shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        if stacked:
+            kv = lambda: jnp.zeros((cfg.num_layers, *shape), dtype)
+        else:
+            kv = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(kv(), kv(), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
 
 
 class RMSNorm(nn.Module):
@@ -75,13 +80,25 @@ class RMSNorm(nn.Module):
 
 
 def dense_mask(q_slots, key_valid, num_slots):
-    """(B, T, S) bool: query slot t sees key slot s <= t when s is valid."""
+    """(B, T, S) bool: query slot t sees key slot s <= t when s is valid. Packed rows (no cache)
+    pass int segment ids as ``key_valid`` (0 = padding): then only keys of the query's segment."""
     k_slots = jnp.arange(num_slots)
     causal = k_slots[None, :] <= q_slots[:, None]  # (T, S)
     # A padding query still attends to its own slot so that no softmax row is empty (empty
     # rows give NaN, which would then leak into gradients through the masked sum).
     own = k_slots[None, :] == q_slots[:, None]
-    return (causal[None] & key_valid[:, None, :]) | own[None]
+    if key_valid.dtype == jnp.bool_:
+        valid = key_valid[:, None, :]
+    else:
+        valid = (key_valid[:, None, :] == key_valid[:, :, None]) & (key_valid[:, None, :] > 0)
+    return (causal[None] & valid) | own[None]
+
+
+def segment_positions(segment_ids):
+    """(B, T) int segment ids of packed rows -> each token's position within its segment."""
+    idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    return idx - jax.lax.cummax(jnp.where(segment_ids != prev, idx, 0), axis=1)
 
 
 class Attention(nn.Module):
@@ -118,13 +135,21 @@ class Attention(nn.Module):
             # written, and only this layer's slice is read, so a decode step moves one layer's
             # cache per layer instead of rewriting every layer's.
             ck, cv = cache_kv
-            at = (layer, 0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-            new_kv = (ck, cv)
-            k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+            if isinstance(ck, tuple):  # one array per layer, ``layer`` a Python int (unrolled)
+                at = (0, cache_index, 0, 0)
+                k = jax.lax.dynamic_update_slice(ck[layer], k.astype(ck[layer].dtype), at)
+                v = jax.lax.dynamic_update_slice(cv[layer], v.astype(cv[layer].dtype), at)
+                new_kv = (ck[:layer] + (k,) + ck[layer + 1:], cv[:layer] + (v,) + cv[layer + 1:])
+            else:
+                at = (layer, 0, cache_index, 0, 0)
+                ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+                cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+                new_kv = (ck, cv)
+                k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+                v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
             # cuDNN takes no dense mask, and left padding (generation) has no lengths form.
+            impl = "xla" if impl == "cudnn" else impl
+        if key_valid.dtype != jnp.bool_:  # packed segments have no lengths form either
             impl = "xla" if impl == "cudnn" else impl
         if cache_kv is None and impl == "cudnn":
             # cuDNN's fused kernel takes masks only as causal + per-row lengths, which is exact
@@ -139,7 +164,8 @@ class Attention(nn.Module):
                                                mask=dense_mask(q_slots, key_valid, k.shape[1])[:, None],
                                                implementation=impl)
         wo = _param(self, "o_proj_kernel", _init, (n, hd, d), ("heads", "head_dim", "embed"), self.param_dtype)
-        return jnp.einsum("btnh,nhd->btd", out, wo.astype(dt)), new_kv
+        B_, T_ = out.shape[:2]
+        return (out.reshape(B_, T_, n * hd) @ wo.astype(dt).reshape(n * hd, d)), new_kv
 
 
 class MLP(nn.Module):
@@ -165,7 +191,8 @@ def constrain(x, sharding):
 
 class Block(nn.Module):
     """One decoder block, written as a scan body: (carry, broadcast inputs) -> (carry, outputs).
-    The carry is (hidden, layer index, whole stacked KV cache or None)."""
+    The carry is (hidden, layer index, KV cache or None): the whole stacked cache under the
+    scan, per-layer arrays with a Python layer index when unrolled (``scan_layers=False``)."""
     cfg: ModelConfig
     dtype: Any
     param_dtype: Any
@@ -185,7 +212,7 @@ class Block(nn.Module):
         out = h + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(h))
         out = constrain(out, self.activation_sharding)
         if self.capture == "last":
-            captured = jnp.take_along_axis(out, last_index[:, None, None], axis=1)[:, 0]
+            captured = jnp.take_along_axis(out, last_index[:, :, None], axis=1)  # (B, K, d)
         elif self.capture == "full":
             captured = out
         else:
@@ -211,16 +238,26 @@ class Transformer(nn.Module):
     # ``unroll`` of the layer scan (True = fully unrolled). Only bench/roofline.py sets it: XLA's
     # cost analysis counts a while-loop body once, so it compiles unrolled 1- and 2-layer models.
     scan_unroll: bool | int = 1
+    # False: one parameter tree per layer ("layers_0", ...) and the blocks unrolled, the decode
+    # layout (LanguageModel.for_decoding, see ``unstack_layers``). A decode step is bound by
+    # reading the weights; sliced out of stacked arrays they are copied first on XLA:CPU (3x the
+    # weight traffic per step, bench/roofline.py), separate arrays are read where they lie.
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, tokens, attention_mask=None, positions=None, *, capture: str = "none",
-                 return_logits: bool = True, cache: KVCache | None = None):
+                 return_logits: bool = True, cache: KVCache | None = None, segment_ids=None,
+                 capture_index=None):
         """tokens: (B, T) int. attention_mask: (B, T) bool, True on real tokens (left or right
         padding). positions default to the count of real tokens before each token, so a padded
         row sees the same rotary phases as the unpadded sequence.
 
         capture "last" returns each layer's hidden state at the last real token, "full" every
         token's; the stacked states are also sown into the ``intermediates`` collection.
+
+        Packed rows (no cache): ``segment_ids`` (B, T) int, 0 on padding, replaces the mask; each
+        segment attends only to itself and its positions restart at 0. ``capture_index`` (B, K)
+        then names the positions capture "last" reads, giving (L+1, B, K, d).
         """
         cfg = self.cfg
         if capture not in CAPTURE_MODES:
@@ -228,6 +265,12 @@ class Transformer(nn.Module):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
         B, T = tokens.shape
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("segment_ids (packed rows) replace attention_mask and take no cache")
+            attention_mask = segment_ids > 0
+            if positions is None:
+                positions = segment_positions(segment_ids)
         if attention_mask is None:
             attention_mask = jnp.ones((B, T), bool)
         attention_mask = attention_mask.astype(bool)
@@ -235,10 +278,13 @@ class Transformer(nn.Module):
             prior = cache.key_valid.sum(-1, keepdims=True) if cache is not None else 0
             positions = prior + jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
         # Last real token of each row, correct under left and right padding.
-        last_index = T - 1 - jnp.argmax(attention_mask[:, ::-1], axis=-1)
+        last_index = capture_index
+        if last_index is None:
+            last_index = (T - 1 - jnp.argmax(attention_mask[:, ::-1], axis=-1))[:, None]
 
         if cache is None:
-            q_slots, key_valid, cache_index, cache_kv = jnp.arange(T), attention_mask, 0, None
+            key_valid = attention_mask if segment_ids is None else segment_ids.astype(jnp.int32)
+            q_slots, cache_index, cache_kv = jnp.arange(T), 0, None
         else:
             cache_index = cache.index
             q_slots = cache_index + jnp.arange(T)
@@ -252,23 +298,35 @@ class Transformer(nn.Module):
         block = Block
         if self.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        layers = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            metadata_params={nn.PARTITION_NAME: "layers"},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers, unroll=self.scan_unroll)
-        (x, _, new_kv), captured = layers(cfg, self.dtype, self.param_dtype, capture,
-                                          self.attention_impl, self.activation_sharding, name="layers")(
-            (x, jnp.zeros((), jnp.int32), cache_kv), positions, q_slots, key_valid, last_index, cache_index)
+        block_args = (cfg, self.dtype, self.param_dtype, capture, self.attention_impl, self.activation_sharding)
+        inputs = (positions, q_slots, key_valid, last_index, cache_index)
+        carry = (x, jnp.zeros((), jnp.int32), cache_kv)
+        if self.scan_layers:
+            layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                metadata_params={nn.PARTITION_NAME: "layers"},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers, unroll=self.scan_unroll)
+            carry, captured = layers(*block_args, name="layers")(carry, *inputs)
+        else:
+            captures = []
+            for i in range(cfg.num_layers):
+                # A Python layer index: each block updates its own cache array (see KVCache).
+                carry, cap = block(*block_args, name=f"layers_{i}")((carry[0], i, carry[2]), *inputs)
+                captures.append(cap)
+            captured = None if capture == "none" else jnp.stack(captures)
+        x, _, new_kv = carry
 
         final_norm = RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name="norm")
         hidden = None
         if capture != "none":
             first = x_embed
             if capture == "last":
-                first = jnp.take_along_axis(x_embed, last_index[:, None, None], axis=1)[:, 0]
+                first = jnp.take_along_axis(x_embed, last_index[:, :, None], axis=1)
             # HF's last hidden state is taken after the final norm; we follow it exactly.
             hidden = jnp.concatenate([first[None], captured[:-1], final_norm(captured[-1])[None]])
+            if capture == "last" and capture_index is None:
+                hidden = hidden[:, :, 0]  # (L+1, B, d)
             self.sow("intermediates", "hidden_states", hidden)
 
         logits = None
@@ -296,6 +354,14 @@ def param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str,
     boxed = jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t), tokens)["params"]
     flat = traverse_util.flatten_dict(boxed, sep="/", is_leaf=lambda _, v: isinstance(v, nn.Partitioned))
     return {path: (tuple(box.value.shape), tuple(box.names)) for path, box in flat.items()}
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Stacked layer parameters ("layers", leading axis L) -> one tree per layer ("layers_0" ..),
+    the layout of ``Transformer(scan_layers=False)``. Works on arrays and on shardings."""
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return {**rest, **{f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"])
+                       for i in range(num_layers)}}
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, *, dtype: Any = jnp.float32) -> dict:

@@ -1,0 +1,86 @@
+"""Sequence packing: many prompts per row, so a forward computes almost no padding.
+
+A batch is ``rows`` rows of ``width`` slots; each row holds whole prompts one after another
+(segments 1, 2, ... of that row; 0 marks the padding at its end). ``Transformer`` keeps segments
+apart (``segment_ids``: each attends only to itself, its positions restart at 0), so a prompt's
+hidden states are those of the prompt alone.
+
+Batches are filled first-fit from the longest prompt down: the longest remaining prompt sets the
+batch's width (rounded up by ``width_of``), every remaining prompt goes into the first row with
+room for it, and the batch closes when no remaining prompt fits. Long prompts thus share batches
+with long ones, and short prompts fill the ends of their rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    tokens: np.ndarray       # (rows, width) int32
+    segment_ids: np.ndarray  # (rows, width) int32, 0 = padding
+    last: np.ndarray         # (rows, K) int32: slot of each segment's last token (0 where unused)
+    items: list[tuple[int, int, int]]  # (prompt index, row, segment slot k) per packed prompt
+
+    @property
+    def padding_fraction(self) -> float:
+        return float((self.segment_ids == 0).mean())
+
+
+def row_width(n: int, minimum: int = 16) -> int:
+    """Row width for a longest prompt of n tokens: n rounded up to one of 8 steps per octave
+    (at most 12.5 % over n), so widths repeat across batches and runs."""
+    step = max(1, (1 << max(0, int(n) - 1).bit_length()) >> 3)
+    return max(minimum, -(-int(n) // step) * step)
+
+
+def pack(ids: Sequence[Sequence[int]], *, rows: int, pad_id: int,
+         width_of: Callable[[int], int] = row_width, min_segments: int = 8) -> list[PackedBatch]:
+    """Pack token lists into batches of ``rows`` rows (see the module docstring). ``width_of(n)``
+    is the row width for a longest prompt of n tokens (>= n); K, the segment slots per row, is a
+    power of two >= ``min_segments``, so a run compiles a handful of shapes."""
+    if rows < 1:
+        raise ValueError(f"pack: rows must be >= 1, got {rows}")
+    lengths = [len(x) for x in ids]
+    if any(n == 0 for n in lengths):
+        raise ValueError(f"pack: prompt {lengths.index(0)} has no tokens")
+    remaining = sorted(range(len(ids)), key=lambda i: -lengths[i])  # stable: ties keep input order
+    batches = []
+    while remaining:
+        width = width_of(lengths[remaining[0]])
+        free = [width] * rows
+        placed: list[list[int]] = [[] for _ in range(rows)]
+        left = []
+        for i in remaining:
+            r = next((r for r in range(rows) if free[r] >= lengths[i]), None)
+            if r is None:
+                left.append(i)
+                continue
+            placed[r].append(i)
+            free[r] -= lengths[i]
+        remaining = left
+        batches.append(_arrays(ids, placed, width, pad_id, min_segments))
+    return batches
+
+
+def _arrays(ids, placed, width, pad_id, min_segments) -> PackedBatch:
+    rows = len(placed)
+    most = max(len(p) for p in placed)
+    K = max(min_segments, 1 << max(0, most - 1).bit_length())
+    tokens = np.full((rows, width), pad_id, np.int32)
+    segments = np.zeros((rows, width), np.int32)
+    last = np.zeros((rows, K), np.int32)
+    items = []
+    for r, row in enumerate(placed):
+        at = 0
+        for k, i in enumerate(row):
+            n = len(ids[i])
+            tokens[r, at:at + n] = ids[i]
+            segments[r, at:at + n] = k + 1
+            last[r, k] = at + n - 1
+            items.append((i, r, k))
+            at += n
+    return PackedBatch(tokens, segments, last, items)
