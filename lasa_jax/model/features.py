@@ -48,7 +48,8 @@ def features_of_ids(lm: LanguageModel, ids: Sequence[Sequence[int]], layers: Seq
         return out
     rows = _batch_rows(lm, batch_size)
     if padding_side is None:
-        for batch in tqdm(pack(ids, rows=rows, pad_id=lm.pad_id), desc="features",
+        multiple = batch_multiple(lm.mesh) if lm.mesh is not None else 1
+        for batch in tqdm(pack(ids, rows=rows, pad_id=lm.pad_id, row_multiple=multiple), desc="features",
                           disable=not show_progress(progress), leave=False):
             feats = to_host(lm.packed_features(batch, layers))
             idx, r, k = (np.asarray(x) for x in zip(*batch.items))

@@ -1,6 +1,6 @@
 """Sequence packing: many prompts per row, so a forward computes almost no padding.
 
-A batch is ``rows`` rows of ``width`` slots; each row holds whole prompts one after another
+A batch is up to ``rows`` rows of ``width`` slots; each row holds whole prompts one after another
 (segments 1, 2, ... of that row; 0 marks the padding at its end). ``Transformer`` keeps segments
 apart (``segment_ids``: each attends only to itself, its positions restart at 0), so a prompt's
 hidden states are those of the prompt alone.
@@ -31,19 +31,23 @@ class PackedBatch:
 
 
 def row_width(n: int, minimum: int = 16) -> int:
-    """Row width for a longest prompt of n tokens: n rounded up to one of 8 steps per octave
-    (at most 12.5 % over n), so widths repeat across batches and runs."""
+    """Row width for a longest prompt of n tokens: n rounded up to one of 4 steps per octave
+    (at most 25 % over n), so widths repeat across batches and runs. Rows are filled with
+    shorter prompts, so the rounding costs little padding; finer steps would cost compiles."""
     step = max(1, (1 << max(0, int(n) - 1).bit_length()) >> 3)
     return max(minimum, -(-int(n) // step) * step)
 
 
-def pack(ids: Sequence[Sequence[int]], *, rows: int, pad_id: int,
+def pack(ids: Sequence[Sequence[int]], *, rows: int, pad_id: int, row_multiple: int = 1,
          width_of: Callable[[int], int] = row_width, min_segments: int = 8) -> list[PackedBatch]:
-    """Pack token lists into batches of ``rows`` rows (see the module docstring). ``width_of(n)``
-    is the row width for a longest prompt of n tokens (>= n); K, the segment slots per row, is a
-    power of two >= ``min_segments``, so a run compiles a handful of shapes."""
-    if rows < 1:
-        raise ValueError(f"pack: rows must be >= 1, got {rows}")
+    """Pack token lists into batches of at most ``rows`` rows (see the module docstring).
+    ``width_of(n)`` is the row width for a longest prompt of n tokens (>= n). A batch that needs
+    fewer rows (the last one, or a wide one holding everything left) gets the smallest power of
+    two that holds the remaining tokens, rounded up to ``row_multiple`` (the data-parallel size).
+    K, the segment slots per row, is a power of two >= ``min_segments``. Row counts, widths and
+    K thus take few values: a run compiles a handful of shapes."""
+    if rows < 1 or row_multiple < 1 or rows % row_multiple:
+        raise ValueError(f"pack: rows ({rows}) must be a positive multiple of row_multiple ({row_multiple})")
     lengths = [len(x) for x in ids]
     if any(n == 0 for n in lengths):
         raise ValueError(f"pack: prompt {lengths.index(0)} has no tokens")
@@ -51,11 +55,13 @@ def pack(ids: Sequence[Sequence[int]], *, rows: int, pad_id: int,
     batches = []
     while remaining:
         width = width_of(lengths[remaining[0]])
-        free = [width] * rows
-        placed: list[list[int]] = [[] for _ in range(rows)]
+        need = -(-sum(lengths[i] for i in remaining) // width)
+        n_rows = min(rows, -(-(1 << max(0, need - 1).bit_length()) // row_multiple) * row_multiple)
+        free = [width] * n_rows
+        placed: list[list[int]] = [[] for _ in range(n_rows)]
         left = []
         for i in remaining:
-            r = next((r for r in range(rows) if free[r] >= lengths[i]), None)
+            r = next((r for r in range(n_rows) if free[r] >= lengths[i]), None)
             if r is None:
                 left.append(i)
                 continue
