@@ -1,6 +1,6 @@
 """Latent-KTO training step: lasa_jax (jit, 1 CPU device) vs a PyTorch step of the same objective.
 
-    PYTHONPATH=. python bench/train_step.py [--steps 10] [--batch 8] [--threads 2]
+    PYTHONPATH=. python bench/train_step.py [--steps 10] [--batch 8] [--threads 2] [--sizes hidden_size=512,...]
 
 Both sides train the same tiny random LLaMA checkpoint (configs/tiny.py sizes) on the same
 batches of the project's KTO fixture with AdamW + grad-norm clipping; the PyTorch side is
@@ -34,6 +34,9 @@ def _args():
     p.add_argument("--batch", type=int, default=8, help="items per step")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--max-length", type=int, default=192)
+    p.add_argument("--sizes", default="",
+                   help="model sizes over configs/tiny.py's, e.g. hidden_size=512,num_layers=8,num_heads=8,"
+                        "num_kv_heads=4,intermediate_size=1536 (the vocabulary stays the fixture tokenizer's)")
     _timing.add_arguments(p)
     p.set_defaults(warmup=0)  # each round runs its own untimed --warmup-steps first
     return p.parse_args()
@@ -58,7 +61,13 @@ def main():
     cfg = get_config()
     a = cfg.align
     workdir = tempfile.mkdtemp(prefix="bench-train-")
-    path = make_tiny_checkpoint(os.path.join(workdir, "model"), seed=0, **cfg.model.tiny.to_dict())
+    sizes = cfg.model.tiny.to_dict()
+    for item in filter(None, args.sizes.split(",")):
+        name, value = item.split("=")
+        if name not in sizes or name == "family":
+            raise SystemExit(f"--sizes: unknown size {name!r}; choose from {sorted(set(sizes) - {'family'})}")
+        sizes[name] = int(value)
+    path = make_tiny_checkpoint(os.path.join(workdir, "model"), seed=0, **sizes)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     lm = load_model(path, mesh=mesh)
     pairs = read_kto_pairs(resolve_data_path(cfg.data.kto_pairs))
@@ -132,7 +141,8 @@ def main():
             float(loss.detach())
         return _timing.Measured(time.perf_counter() - t)
 
-    print(f"\nLatent-KTO step, tiny LLaMA (d={lm.cfg.hidden_size}, L={lm.cfg.num_layers}, vocab={lm.cfg.vocab_size}), "
+    print(f"\nLatent-KTO step, LLaMA (d={lm.cfg.hidden_size}, L={lm.cfg.num_layers}, MLP {lm.cfg.intermediate_size}, "
+          f"vocab={lm.cfg.vocab_size}, {sum(x.size for x in jax.tree.leaves(lm.params)) / 1e6:.1f}M params), "
           f"batch {args.batch} x T={data.length}, {args.steps} timed steps per round after {args.warmup_steps} "
           f"untimed, device {jax.devices()[0].device_kind}; work = real tokens of the timed steps")
     session = _timing.Session.from_args(args, "train_step")

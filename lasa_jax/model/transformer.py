@@ -79,6 +79,13 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
+def dense(x, w, **kw):
+    """x (..., k) @ w (k, n) as one 2-D matmul over the flattened leading dims. Why: the weight
+    gradient of a (B, T, k) x (k, n) product contracts two dims, which XLA:CPU runs far slower
+    than the (B*T, k) one (MLP forward+backward at 8 x 192 x 512 -> 1536: 0.18 s vs 0.13 s)."""
+    return jnp.matmul(x.reshape(-1, x.shape[-1]), w, **kw).reshape(*x.shape[:-1], w.shape[-1])
+
+
 def dense_mask(q_slots, key_valid, num_slots):
     """(B, T, S) bool: query slot t sees key slot s <= t when s is valid. Packed rows (no cache)
     pass int segment ids as ``key_valid`` (0 = padding): then only keys of the query's segment."""
@@ -101,6 +108,22 @@ def segment_positions(segment_ids):
     return idx - jax.lax.cummax(jnp.where(segment_ids != prev, idx, 0), axis=1)
 
 
+def causal_attention(q, k, v, mask, implementation=None):
+    """``jax.nn.dot_product_attention`` of a forward without a cache (query t at key slot t), in
+    blocks of queries: a block attends to the keys up to its last query only, since every later
+    key is masked for all of its queries. Same result, about half the work of the dense square,
+    which XLA otherwise computes in full (CPU, 8 x 192 tokens, 8/4 heads of 64, forward and
+    backward: 0.052 s dense, 0.023 s in blocks, torch's SDPA 0.033 s). At most 8 blocks of >= 64
+    queries, so the unrolled blocks stay few."""
+    T = q.shape[1]
+    block = max(64, -(-T // 8))
+    attend = lambda s, e: jax.nn.dot_product_attention(q[:, s:e], k[:, :e], v[:, :e], mask=mask[:, :, s:e, :e],
+                                                        implementation=implementation)
+    if T <= block:
+        return attend(0, T)
+    return jnp.concatenate([attend(s, min(T, s + block)) for s in range(0, T, block)], axis=1)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: Any
@@ -115,7 +138,7 @@ class Attention(nn.Module):
         def proj(name, heads, heads_axis):
             w = _param(self, f"{name}_kernel", _init, (d, heads, hd), ("embed", heads_axis, "head_dim"),
                        self.param_dtype)
-            y = jnp.einsum("btd,dnh->btnh", x, w.astype(dt))
+            y = dense(x, w.astype(dt).reshape(d, heads * hd)).reshape(*x.shape[:2], heads, hd)
             if cfg.qkv_bias:
                 y = y + _param(self, f"{name}_bias", nn.initializers.zeros, (heads, hd),
                                (heads_axis, "head_dim"), self.param_dtype).astype(dt)
@@ -160,12 +183,11 @@ class Attention(nn.Module):
                                                query_seq_lengths=lengths, key_value_seq_lengths=lengths,
                                                implementation=impl)
         else:
-            out = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt),
-                                               mask=dense_mask(q_slots, key_valid, k.shape[1])[:, None],
-                                               implementation=impl)
+            mask = dense_mask(q_slots, key_valid, k.shape[1])[:, None]
+            attend = jax.nn.dot_product_attention if cache_kv is not None else causal_attention
+            out = attend(q.astype(dt), k.astype(dt), v.astype(dt), mask=mask, implementation=impl)
         wo = _param(self, "o_proj_kernel", _init, (n, hd, d), ("heads", "head_dim", "embed"), self.param_dtype)
-        B_, T_ = out.shape[:2]
-        return (out.reshape(B_, T_, n * hd) @ wo.astype(dt).reshape(n * hd, d)), new_kv
+        return dense(out.reshape(*out.shape[:2], n * hd), wo.astype(dt).reshape(n * hd, d)), new_kv
 
 
 class MLP(nn.Module):
@@ -179,8 +201,8 @@ class MLP(nn.Module):
         gate = _param(self, "gate_proj_kernel", _init, (d, f), ("embed", "mlp"), self.param_dtype)
         up = _param(self, "up_proj_kernel", _init, (d, f), ("embed", "mlp"), self.param_dtype)
         down = _param(self, "down_proj_kernel", _init, (f, d), ("mlp", "embed"), self.param_dtype)
-        h = nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))
-        return h @ down.astype(dt)
+        h = nn.silu(dense(x, gate.astype(dt))) * dense(x, up.astype(dt))
+        return dense(h, down.astype(dt))
 
 
 def constrain(x, sharding):
@@ -333,13 +355,11 @@ class Transformer(nn.Module):
         if return_logits:
             h = final_norm(x)
             if cfg.tie_embeddings:
-                logits = jnp.einsum("btd,vd->btv", h, embed.astype(self.dtype),
-                                    preferred_element_type=jnp.float32)
+                logits = dense(h, embed.astype(self.dtype).T, preferred_element_type=jnp.float32)
             else:
                 head = _param(self, "lm_head", _init, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                               self.param_dtype)
-                logits = jnp.einsum("btd,dv->btv", h, head.astype(self.dtype),
-                                    preferred_element_type=jnp.float32)
+                logits = dense(h, head.astype(self.dtype), preferred_element_type=jnp.float32)
         new_cache = None
         if cache is not None:
             new_cache = KVCache(new_kv[0], new_kv[1], key_valid, cache_index + T)
