@@ -26,7 +26,8 @@ def multijail_ids(request, tmp_path_factory):
 def test_multijail_packs_with_at_most_ten_percent_padding(multijail_ids, rows, multiple):
     """Issue 16's target: padded positions <= 10 % of the computed ones. One prompt per row,
     sorted by length and padded to a power of two (the path before packing), computed 45-49 %
-    padding on these sets; in input order, padded to each batch's longest (the authors'), 69-71 %."""
+    padding on these sets (batches of 16); in input order, padded to each batch's longest (the
+    authors'), 53-55 %."""
     batches = pack(multijail_ids, rows=rows, pad_id=0, row_multiple=multiple)
     real = sum(map(len, multijail_ids))
     computed = sum(b.tokens.size for b in batches)
