@@ -49,8 +49,8 @@ attn = 2*B*T^2*n*hd*L, the FLOPs of QK^T and PV of one causal forward, i.e. half
   ``decode_collective_fraction`` = XLA collective bytes per device per step / weight bytes.
 - features FLOPs: 2*(N - LM head)*B*T + attn. ``features_flops_ratio`` = XLA FLOPs (x 8) / floor.
 
-Collective bytes of one op are the size of the whole buffer it assembles or reduces, as one device
-sees it: an all-gather's result, a reduce-scatter's operand (result x group size), an all-reduce's,
+Collective bytes of one op (``lasa_jax.infra.mesh.collectives``) are the size of the whole buffer
+it assembles or reduces, as one device sees it: an all-gather's result, a reduce-scatter's operand (result x group size), an all-reduce's,
 all-to-all's or collective-permute's result. This matches the floor's unit (one gather of a
 parameter = its full size).
 
@@ -73,9 +73,7 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import os
-import re
 import resource
 import sys
 import time
@@ -106,50 +104,6 @@ def decode_step_fn(module, params, cur, cur_valid, cache):
 
 GPUS = {"H100": {"peak_flops": 989e12, "hbm_bytes_s": 3.35e12},
         "H200": {"peak_flops": 989e12, "hbm_bytes_s": 4.8e12}}
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_DTYPE_BITS = {"pred": 8, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16, "bf16": 16, "s32": 32,
-               "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64, "c64": 64, "c128": 128}
-_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BITS) + r")\[([0-9,]*)\]")
-# "%name = <result shape> <op>(" in the optimised HLO; the result may be a tuple.
-_INSTR = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-
-
-def _shape_bytes(text: str) -> list[int]:
-    return [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BITS[dt] // 8
-            for dt, dims in _ARRAY.findall(text)]
-
-
-def _group_size(line: str) -> int:
-    """Devices per replica group: ``replica_groups={{0,1,..}}`` or iota ``[groups,size]<=[..]``."""
-    m = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
-    if m:
-        return int(m.group(2))
-    m = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
-    return len(m.group(1).split(",")) if m else 1
-
-
-def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Count and bytes (see the module docstring for the unit) of each collective kind in an
-    optimised HLO module's text; ``*-done`` halves of async pairs are skipped."""
-    out = {k: {"count": 0, "bytes": 0, "f32_bytes": 0} for k in COLLECTIVES}
-    for line in hlo_text.splitlines():
-        m = _INSTR.search(line)
-        if not m:
-            continue
-        shape, op, start = m.groups()
-        sizes = _shape_bytes(shape)
-        # An async start returns (operand, result, context...): the buffer is the largest.
-        nbytes = max(sizes) if start else sum(sizes)
-        if op == "reduce-scatter":
-            nbytes *= _group_size(line)
-        out[op]["count"] += 1
-        out[op]["bytes"] += nbytes
-        # float32 share: on CPU, bf16 weights are often gathered as float32 (see the caveat).
-        if shape.lstrip("(").startswith("f32"):
-            out[op]["f32_bytes"] += nbytes
-    return out
-
-
 def compiled_cost(lowered) -> dict:
     t0 = time.perf_counter()
     compiled = lowered.compile()
@@ -157,7 +111,7 @@ def compiled_cost(lowered) -> dict:
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca  # older JAX: one dict per program
     text = compiled.as_text()
-    coll = collective_bytes(text)
+    coll = shd.collectives(text)
     return {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0)),
             "collective_bytes": float(sum(c["bytes"] for c in coll.values())),
             "collectives": coll, "while_loops": text.count(" while("), "compile_s": seconds}
@@ -168,7 +122,7 @@ def extrapolate(c1: dict, c2: dict, layers: int) -> dict:
     lin = lambda a, b: a + (layers - 1) * (b - a)
     out = {k: lin(c1[k], c2[k]) for k in ("flops", "bytes", "collective_bytes")}
     out["collectives"] = {k: {f: lin(c1["collectives"][k][f], c2["collectives"][k][f])
-                              for f in ("count", "bytes", "f32_bytes")} for k in COLLECTIVES}
+                              for f in ("count", "bytes", "f32_bytes")} for k in shd.COLLECTIVES}
     out["compile_s"] = c1["compile_s"] + c2["compile_s"]
     return out
 

@@ -2,7 +2,6 @@
 MultiJail-1k (tests/fixtures/authors_data), chat-templated with the real Llama-3.1 and Qwen2.5
 tokenizers. Correctness of packed features against transformers is in test_models.py."""
 import json
-import os
 
 import numpy as np
 import pytest

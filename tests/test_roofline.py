@@ -16,7 +16,7 @@ roofline = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(roofline)
 
 from lasa_jax.config import base_config  # noqa: E402
-from lasa_jax.infra.mesh import make_mesh  # noqa: E402
+from lasa_jax.infra.mesh import collectives, make_mesh  # noqa: E402
 from lasa_jax.model.config import ModelConfig  # noqa: E402
 
 TINY = ModelConfig(family="qwen3", vocab_size=512, hidden_size=128, num_layers=4, num_heads=4,
@@ -98,13 +98,13 @@ def test_collective_parser_counts_a_known_all_gather_and_reduce_scatter():
     x = jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=NamedSharding(mesh, P("x", None)))
     # Sharded rows -> replicated: one all-gather assembling the whole (64, 32) float32 array.
     gather = jax.jit(lambda a: a * 2, out_shardings=NamedSharding(mesh, P()))
-    got = roofline.collective_bytes(gather.lower(x).compile().as_text())
+    got = collectives(gather.lower(x).compile().as_text())
     assert got["all-gather"] == {"count": 1, "bytes": 64 * 32 * 4, "f32_bytes": 64 * 32 * 4}
     assert sum(v["count"] for k, v in got.items() if k != "all-gather") == 0
     # A contraction over the sharded dimension, result sharded: a reduce-scatter (or an
     # all-reduce) of the whole (32, 32) product.
     mm = jax.jit(lambda a: a.T @ a, out_shardings=NamedSharding(mesh, P("x", None)))
-    got = roofline.collective_bytes(mm.lower(x).compile().as_text())
+    got = collectives(mm.lower(x).compile().as_text())
     reduced = got["reduce-scatter"]["bytes"] + got["all-reduce"]["bytes"]
     assert reduced == 32 * 32 * 4, got
 
@@ -117,7 +117,7 @@ def test_parser_reads_tuples_async_starts_and_iota_groups():
         "  %e = f32[16]{0} all-gather-done(%s)",
         "  %cp = s32[10]{0} collective-permute(%f), source_target_pairs={{0,1}}",
     ])
-    got = roofline.collective_bytes(text)
+    got = collectives(text)
     assert got["all-gather"] == {"count": 2, "bytes": 8 * 128 * 2 + 16 * 4 + 16 * 4, "f32_bytes": 16 * 4}
     assert got["reduce-scatter"] == {"count": 1, "bytes": 4 * 8 * 4 * 4, "f32_bytes": 4 * 8 * 4 * 4}
     assert got["collective-permute"] == {"count": 1, "bytes": 40, "f32_bytes": 0}

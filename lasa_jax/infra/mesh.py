@@ -101,23 +101,53 @@ def decode_mesh(mesh: Mesh, tensor: int) -> Mesh:
     return make_mesh(len(devices) // tensor, 1, tensor, devices=devices)
 
 
-_COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(all-gather|reduce-scatter|all-reduce|collective-permute|all-to-all)"
-                         r"(-start)?\(")
-_ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# "%name = <result shape> <op>(" in optimised HLO; the result may be a tuple.
+_COLLECTIVE = re.compile(r"=\s*(\(.*?\)|\S+)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+
+
+def _shape_bytes(text: str) -> list[int]:
+    return [math.prod(int(d) for d in dims.split(",") if d) * _itemsize(dtype)
+            for dtype, dims in _ARRAY.findall(text) if dtype != "token"]
+
+
+def _group_size(line: str) -> int:
+    """Devices per replica group: ``replica_groups={{0,1,..}}`` or iota ``[groups,size]<=[..]``."""
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
+    if m:
+        return int(m.group(2))
+    m = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
+    return len(m.group(1).split(",")) if m else 1
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """Count and bytes of each collective kind in compiled HLO (``compiled.as_text()``), once
+    per instruction (a loop body counts once, i.e. per iteration). Bytes are the whole buffer
+    the op assembles or reduces as one device sees it: an all-gather's result, a
+    reduce-scatter's operand (result x group size), an all-reduce's, all-to-all's or
+    collective-permute's result. Async pairs count at their start, whose tuple holds operand,
+    result and context: the largest is the buffer. ``f32_bytes``: the float32 share."""
+    out = {k: {"count": 0, "bytes": 0, "f32_bytes": 0} for k in COLLECTIVES}
+    for line in hlo_text.splitlines():
+        m = _COLLECTIVE.search(line)
+        if not m:
+            continue
+        shape, op, start = m.groups()
+        sizes = _shape_bytes(shape)
+        nbytes = max(sizes) if start else sum(sizes)
+        if op == "reduce-scatter":
+            nbytes *= _group_size(line)
+        out[op]["count"] += 1
+        out[op]["bytes"] += nbytes
+        if shape.lstrip("(").startswith("f32"):
+            out[op]["f32_bytes"] += nbytes
+    return out
 
 
 def collective_bytes(hlo_text: str) -> int:
-    """Result bytes of every collective in compiled HLO (``compiled.as_text()``), once per
-    instruction: a loop body counts once, i.e. per iteration. Async pairs count at their start
-    (whose tuple result also holds the operand, so that pair counts the input too)."""
-    total = 0
-    for m in _COLLECTIVE.finditer(hlo_text):
-        for dtype, dims in _ARRAY.findall(m.group(1)):
-            if dtype == "token":
-                continue
-            n = math.prod(int(d) for d in dims.split(",") if d)
-            total += n * _itemsize(dtype)
-    return total
+    """Bytes of every collective of compiled HLO together (``collectives``)."""
+    return sum(c["bytes"] for c in collectives(hlo_text).values())
 
 
 def _itemsize(hlo_dtype: str) -> int:
