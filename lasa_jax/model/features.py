@@ -46,9 +46,11 @@ def features_of_ids(lm: LanguageModel, ids: Sequence[Sequence[int]], layers: Seq
     out = np.zeros((len(layers), len(ids), lm.cfg.hidden_size), np.float32)
     if not ids:
         return out
-    rows = _batch_rows(lm, batch_size)
+    # Every batch has the same number of rows (a multiple of the data-parallel size), so the
+    # last short batch does not trigger another compilation; packed batches may take fewer.
+    multiple = batch_multiple(lm.mesh) if lm.mesh is not None else 1
+    rows = round_up(batch_size, multiple)
     if padding_side is None:
-        multiple = batch_multiple(lm.mesh) if lm.mesh is not None else 1
         for batch in tqdm(pack(ids, rows=rows, pad_id=lm.pad_id, row_multiple=multiple), desc="features",
                           disable=not show_progress(progress), leave=False):
             feats = to_host(lm.packed_features(batch, layers))
@@ -64,8 +66,3 @@ def features_of_ids(lm: LanguageModel, ids: Sequence[Sequence[int]], layers: Seq
         out[:, idx] = feats[:, :len(idx)]
     return out
 
-
-def _batch_rows(lm: LanguageModel, batch_size: int) -> int:
-    """Pad every batch to the same number of rows (a multiple of the data-parallel size), so
-    the last short batch does not trigger another compilation."""
-    return round_up(batch_size, batch_multiple(lm.mesh) if lm.mesh is not None else 1)

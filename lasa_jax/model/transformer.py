@@ -154,7 +154,7 @@ class Attention(nn.Module):
         impl = self.attention_impl
         new_kv = None
         if cache_kv is not None:
-            # The stacked cache is updated in place: only this token's slots of this layer are
+            # The cache is updated in place: only this token's slots of this layer are
             # written, and only this layer's slice is read, so a decode step moves one layer's
             # cache per layer instead of rewriting every layer's.
             ck, cv = cache_kv
@@ -170,9 +170,9 @@ class Attention(nn.Module):
                 new_kv = (ck, cv)
                 k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
                 v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
-            # cuDNN takes no dense mask, and left padding (generation) has no lengths form.
-            impl = "xla" if impl == "cudnn" else impl
-        if key_valid.dtype != jnp.bool_:  # packed segments have no lengths form either
+        if cache_kv is not None or key_valid.dtype != jnp.bool_:
+            # cuDNN takes masks only as causal + per-row lengths: left padding (generation) and
+            # packed segments have no such form.
             impl = "xla" if impl == "cudnn" else impl
         if cache_kv is None and impl == "cudnn":
             # cuDNN's fused kernel takes masks only as causal + per-row lengths, which is exact
@@ -378,7 +378,7 @@ def param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str,
 
 def unstack_layers(params: dict, num_layers: int) -> dict:
     """Stacked layer parameters ("layers", leading axis L) -> one tree per layer ("layers_0" ..),
-    the layout of ``Transformer(scan_layers=False)``. Works on arrays and on shardings."""
+    the layout of ``Transformer(scan_layers=False)``; their shardings: ``lm.unstacked_shardings``."""
     rest = {k: v for k, v in params.items() if k != "layers"}
     return {**rest, **{f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"])
                        for i in range(num_layers)}}
