@@ -217,15 +217,11 @@ def _check_relations(c, stages: list[str]) -> None:
         multihost.initialize_kwargs(c.distributed)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    shape = resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, jax.device_count())
+    resolve_mesh_shape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, jax.device_count())
     a = c.align
     if a.batch_size % a.grad_accum:
         raise ConfigError(f"config.align.batch_size={a.batch_size} is not divisible by "
                           f"config.align.grad_accum={a.grad_accum}")
-    rows = shape[0] * shape[1]
-    if (a.batch_size // a.grad_accum) % rows:
-        raise ConfigError(f"config.align.batch_size / grad_accum = {a.batch_size // a.grad_accum} items per "
-                          f"micro-batch is not divisible by the mesh's data*fsdp = {rows}")
     if a.max_prompt_length >= a.max_length:
         raise ConfigError(f"config.align.max_prompt_length={a.max_prompt_length} leaves no room for a reply "
                           f"within config.align.max_length={a.max_length}")

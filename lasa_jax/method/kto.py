@@ -27,6 +27,15 @@ def completion_logps(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array)
     return jnp.sum(jnp.where(loss_mask, token_logps(logits, tokens), 0.0), axis=-1)
 
 
+def item_logps(logits: jax.Array, tokens: jax.Array, items: jax.Array, loss_mask: jax.Array,
+               num_items: int) -> jax.Array:
+    """(num_items,): completion log-probs of packed rows. ``items`` (B, T) names each token's item
+    (1 ... num_items; 0 on padding); an item's first token must carry no loss, as its log-prob
+    would come from the previous item's last logit."""
+    w = jnp.where(loss_mask & (items > 0), token_logps(logits, tokens), 0.0)
+    return jax.ops.segment_sum(w.reshape(-1), items.reshape(-1), num_segments=num_items + 1)[1:]
+
+
 def kto_loss(
     policy_logps: jax.Array,
     ref_logps: jax.Array,

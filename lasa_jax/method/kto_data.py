@@ -11,8 +11,8 @@ reply + ``<|eot_id|>``; Qwen: reply + ``<|im_end|>\\n``), so with no prefix an i
 TRL's tokenisation of the same conversational example. The template gets the model's
 ``chat_template_kwargs`` (``enable_thinking``).
 
-* ``KTOBatches``: items tokenised once, a fixed (B, T) batch per global step; which items a step
-  sees is a pure function of the step, so a resumed run replays the same order.
+* ``KTOBatches``: items tokenised once, packed into fixed-shape rows per global step; which items
+  a step sees is a pure function of the step, so a resumed run replays the same order.
 * ``AlignBatches``: parallel prompts for the cross-lingual alignment term, per step.
 """
 
@@ -28,6 +28,7 @@ from lasa_jax.errors import ConfigError
 from lasa_jax.infra.fileio import digest
 from lasa_jax.method.gate import REFUSAL_PREFIX, assistant_prefix_text
 from lasa_jax.model.lm import chat_text, round_up
+from lasa_jax.model.packing import first_fit, longest_first
 
 Z_MODES = ("source", "ssi", "label")
 # The project spec's mix: safety items conditioned half the time, general items never. The authors'
@@ -238,18 +239,25 @@ def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
 
 
 class KTOBatches:
-    """Fixed-shape batches of KTO items, a pure function of the global step.
+    """Fixed-shape packed batches of KTO items, a pure function of the global step.
 
     Step s of an epoch of ``steps_per_epoch = ceil(N / B)`` steps takes positions s*B ... s*B+B-1 of
     ``epoch_order(N, epoch, seed)``, wrapping to the epoch's start to fill the last batch (every
-    row is a real item, so every batch has the same shape and no padding items). Arrays come as
-    (grad_accum, B / grad_accum, ...): micro-batch a holds items a*b ... a*b+b-1 of the global
-    batch, and the KL pairs rotate over the whole global batch (TRL's rotation).
+    item slot is a real item). The KL pairs rotate over the whole global batch (TRL's rotation).
+
+    Packing (no compute on padding): a step's B items go whole, longest first, into rows of
+    ``length`` slots (first fit), and the rows are split into ``grad_accum`` micro-batches of
+    ``rows`` rows each; the KL pairs likewise into ``kl_rows`` rows per micro-batch. ``items``
+    (A, rows, length) names each token's item (1 ... B, 0 on padding): the model keeps items apart
+    (``segment_ids``) and sums log-probs per item. ``rows`` and ``kl_rows`` are the most any step
+    of the run needs (rounded up to ``row_multiple``, the data-parallel size), found when the
+    batches are built, so the step compiles once. Per-item arrays (``desirable``, ``valid``, the
+    reference log-probs) are (B,).
     """
 
     def __init__(self, items: Sequence[KTOItem], tokenizer, *, batch_size: int, grad_accum: int = 1,
                  seed: int = 0, epochs: int = 1, max_steps: int = 0, max_length: int = 512,
-                 max_prompt_length: int = 384, pad_id: int = 0, bucket: int = 16,
+                 max_prompt_length: int = 384, pad_id: int = 0, bucket: int = 16, row_multiple: int = 1,
                  chat_template_kwargs: Mapping[str, Any] | None = None):
         if len(items) < 2:
             raise ConfigError(f"config.data.kto_pairs: need at least 2 items (1 pair), got {len(items)}")
@@ -260,6 +268,7 @@ class KTOBatches:
         self.items, self.tokenizer = list(items), tokenizer
         self.batch_size, self.grad_accum, self.seed, self.pad_id = batch_size, grad_accum, seed, pad_id
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.row_multiple = int(row_multiple)
         self.template_kwargs = dict(chat_template_kwargs or {})
         self.encoded = [self._encode(it) for it in self.items]
         # Items whose prompt part was cut: text -> its length in tokens before cutting.
@@ -276,6 +285,13 @@ class KTOBatches:
         self.total_steps = int(max_steps) if max_steps else int(epochs) * self.steps_per_epoch
         if self.total_steps < 1:
             raise ConfigError("config.align: epochs and max_steps give no training step")
+        # Every step's packing, from lengths only (the KL pairs are tokenised here once to learn
+        # theirs): the largest sets the run's fixed shapes.
+        self.rows = self.kl_rows = self.row_multiple
+        for s in range(self.total_steps):
+            idx = self.indices(s)
+            self.rows = max(self.rows, self._rows_for([self.encoded[i] for i in idx]))
+            self.kl_rows = max(self.kl_rows, self._rows_for(self.kl_encoded(idx)))
         self.ref_logps: np.ndarray | None = None  # (N,) once the reference is precomputed
         self.ref_kl_logps: np.ndarray | None = None  # (total_steps, B)
 
@@ -284,15 +300,27 @@ class KTOBatches:
                            prefix=REFUSAL_PREFIX if item.z else None, max_length=self.max_length,
                            max_prompt_length=self.max_prompt_length, template_kwargs=self.template_kwargs)
 
+    def kl_encoded(self, idx: Sequence[int]) -> list[dict]:
+        """The KL pairs of a step's items (``kl_pairs``), tokenised."""
+        return [self._encode(it) for it in kl_pairs([self.items[i] for i in idx])]
+
+    def _fill(self, encoded) -> list[list[int]]:
+        lengths = [min(len(e["input_ids"]), self.length) for e in encoded]
+        return first_fit(lengths, longest_first(lengths), self.length)[0]
+
+    def _rows_for(self, encoded) -> int:
+        per_micro = -(-len(self._fill(encoded)) // self.grad_accum)
+        return round_up(per_micro, self.row_multiple)
+
     @property
     def key(self) -> str:
-        """Digest of everything the batches depend on: tokens, labels, order."""
+        """Digest of everything the batches depend on: tokens, labels, order, layout."""
         toks = np.concatenate([np.asarray(e["input_ids"], np.int64) for e in self.encoded])
         masks = np.concatenate([np.asarray(e["loss_mask"], np.int8) for e in self.encoded])
         lens = np.asarray([len(e["input_ids"]) for e in self.encoded], np.int64)
         flags = np.asarray([[it.desirable, it.z] for it in self.items], np.int8)
         return digest(toks, masks, lens, flags, [self.batch_size, self.grad_accum, self.seed,
-                                                   self.total_steps, self.length])
+                                                   self.total_steps, self.length, self.rows, self.kl_rows])
 
     def position(self, step: int) -> tuple[int, int]:
         return divmod(int(step), self.steps_per_epoch)
@@ -302,30 +330,51 @@ class KTOBatches:
         order = epoch_order(len(self.items), epoch, self.seed)
         return order[(k * self.batch_size + np.arange(self.batch_size)) % len(self.items)]
 
-    def _collate(self, encoded) -> dict[str, np.ndarray]:
-        encoded = [{k: e[k][:self.length] for k in ("input_ids", "loss_mask")} for e in encoded]
-        out = collate(encoded, self.pad_id, pad_to=self.length)
-        out.pop("positions")  # the model derives the same positions from the mask
-        return out
+    def _packed(self, encoded, rows: int) -> dict[str, np.ndarray]:
+        """(A, rows, length) tokens, items (1 + index into ``encoded``, 0 = padding), loss_mask."""
+        filled = self._fill(encoded)
+        total, T = self.grad_accum * rows, self.length
+        if len(filled) > total:  # cannot happen for the run's own steps: rows is their maximum
+            raise ValueError(f"KTOBatches: {len(encoded)} items need {len(filled)} rows of {T}; the layout has {total}")
+        tokens = np.full((total, T), self.pad_id, np.int32)
+        owner, loss = np.zeros((total, T), np.int32), np.zeros((total, T), bool)
+        for r, row in enumerate(filled):
+            at = 0
+            for i in row:
+                ids, mask = encoded[i]["input_ids"][:T], encoded[i]["loss_mask"][:T]
+                sl = slice(at, at + len(ids))
+                tokens[r, sl], owner[r, sl], loss[r, sl] = ids, i + 1, mask
+                loss[r, at] = False  # its log-prob would come from the previous item (item_logps)
+                at += len(ids)
+        shape = (self.grad_accum, rows, T)
+        return {"tokens": tokens.reshape(shape), "items": owner.reshape(shape), "loss_mask": loss.reshape(shape)}
 
-    def main_arrays(self, idx: Sequence[int]) -> dict[str, np.ndarray]:
-        return self._collate([self.encoded[i] for i in idx])
-
-    def kl_arrays(self, idx: Sequence[int]) -> dict[str, np.ndarray]:
-        return self._collate([self._encode(it) for it in kl_pairs([self.items[i] for i in idx])])
+    def padded(self, idx: Sequence[int], *, kl: bool = False) -> dict[str, np.ndarray]:
+        """The step's items (or KL pairs) one per row, right-padded to the longest: the layout
+        TRL's collator builds, for comparisons against it."""
+        encoded = self.kl_encoded(idx) if kl else [self.encoded[i] for i in idx]
+        return collate([{k: e[k][:self.length] for k in ("input_ids", "loss_mask")} for e in encoded], self.pad_id)
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         idx = self.indices(step)
-        main, kl = self.main_arrays(idx), self.kl_arrays(idx)
-        batch = {"tokens": main["tokens"], "mask": main["attention_mask"], "loss_mask": main["loss_mask"],
-                 "kl_tokens": kl["tokens"], "kl_mask": kl["attention_mask"], "kl_loss_mask": kl["loss_mask"],
+        main = self._packed([self.encoded[i] for i in idx], self.rows)
+        kl = self._packed(self.kl_encoded(idx), self.kl_rows)
+        batch = {**main, **{"kl_" + k: v for k, v in kl.items()},
                  "desirable": np.asarray([self.items[i].desirable for i in idx]),
                  "valid": np.ones(len(idx), bool)}
         if self.ref_logps is not None:
             batch["ref_logps"] = self.ref_logps[idx].astype(np.float32)
             batch["ref_kl_logps"] = self.ref_kl_logps[step].astype(np.float32)
-        a = self.grad_accum
-        return {k: v.reshape(a, v.shape[0] // a, *v.shape[1:]) for k, v in batch.items()}
+        return batch
+
+    def padding_fraction(self, steps: Iterable[int] | None = None) -> float:
+        """Padded slots / computed slots over the given steps' item and KL rows (all by default)."""
+        pad = total = 0
+        for s in range(self.total_steps) if steps is None else steps:
+            b = self.host_batch(s)
+            for k in ("items", "kl_items"):
+                pad, total = pad + int((b[k] == 0).sum()), total + b[k].size
+        return pad / max(total, 1)
 
 
 class AlignBatches:

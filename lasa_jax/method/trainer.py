@@ -18,6 +18,8 @@ The stage that runs it (checkpoints, resume, metrics, export) is ``lasa_jax.stag
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,10 +28,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lasa_jax.infra import mesh as shd
 from lasa_jax.infra.multihost import show_progress, to_host
-from lasa_jax.method.kto import alignment_loss, completion_logps, kto_loss
+from lasa_jax.method.kto import alignment_loss, item_logps, kto_loss
 from lasa_jax.method.kto_data import KTOBatches
 from lasa_jax.model.checkpoint import flatten, unflatten
-from lasa_jax.model.lm import LanguageModel, as_dtype
+from lasa_jax.model.lm import LanguageModel, as_dtype, round_up
+from lasa_jax.model.packing import pack
 from lasa_jax.model.transformer import param_specs
 
 BATCH_AXES = ("data", "fsdp")
@@ -80,12 +83,14 @@ def _opt_shardings(abstract_opt_state, params, param_shardings, mesh):
 def _batch_spec(name: str, ndim: int) -> P:
     if name.startswith("align_"):  # (N, ...): one batch, no micro-batches
         return P(BATCH_AXES, *([None] * (ndim - 1)))
-    return P(None, BATCH_AXES, *([None] * (ndim - 2)))  # (A, b, ...)
+    if ndim == 1:  # (B,) per-item values: tiny, and every row's device may hold any item
+        return P()
+    return P(None, BATCH_AXES, *([None] * (ndim - 2)))  # (A, rows, T)
 
 
 def put_host_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Place a host batch (identical on every process) on the mesh, micro-batch rows split over
-    data x fsdp."""
+    """Place a host batch (identical on every process) on the mesh, packed rows split over
+    data x fsdp, per-item values replicated."""
     out = {}
     for k, v in batch.items():
         v = np.asarray(v)
@@ -98,19 +103,25 @@ def _tree_cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype), tree)
 
 
-def batch_shapes(batch_size: int, grad_accum: int, length: int, *, precomputed: bool = True,
-                 align_rows: int = 0, align_length: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_shapes(batch_size: int, grad_accum: int, length: int, *, rows: int | None = None,
+                 kl_rows: int | None = None, precomputed: bool = True, align_rows: int = 0,
+                 align_length: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes and dtypes of one host batch as ``KTOBatches.host_batch`` (+ ``AlignBatches``) builds
-    it: (grad_accum, batch_size / grad_accum, length) arrays, and (rows, length) for the
-    alignment term's parallel prompts when ``align_rows``."""
-    a, b = grad_accum, batch_size // grad_accum
+    it: (grad_accum, rows, length) packed arrays, (batch_size,) per-item values, and
+    (align_rows, align_length) for the alignment term's parallel prompts when ``align_rows``.
+    ``rows`` / ``kl_rows`` default to one item per row (batch_size / grad_accum): the most a
+    batch can need, which is what a memory plan made before the data is known must assume."""
+    a = grad_accum
+    rows = rows or batch_size // grad_accum
+    kl_rows = kl_rows or batch_size // grad_accum
     S = jax.ShapeDtypeStruct
-    out = {"tokens": S((a, b, length), jnp.int32), "mask": S((a, b, length), jnp.bool_),
-           "loss_mask": S((a, b, length), jnp.bool_), "kl_tokens": S((a, b, length), jnp.int32),
-           "kl_mask": S((a, b, length), jnp.bool_), "kl_loss_mask": S((a, b, length), jnp.bool_),
-           "desirable": S((a, b), jnp.bool_), "valid": S((a, b), jnp.bool_)}
+    out = {}
+    for prefix, r in (("", rows), ("kl_", kl_rows)):
+        out.update({prefix + "tokens": S((a, r, length), jnp.int32), prefix + "items": S((a, r, length), jnp.int32),
+                    prefix + "loss_mask": S((a, r, length), jnp.bool_)})
+    out.update(desirable=S((batch_size,), jnp.bool_), valid=S((batch_size,), jnp.bool_))
     if precomputed:
-        out.update(ref_logps=S((a, b), jnp.float32), ref_kl_logps=S((a, b), jnp.float32))
+        out.update(ref_logps=S((batch_size,), jnp.float32), ref_kl_logps=S((batch_size,), jnp.float32))
     if align_rows:
         out.update(align_tokens=S((align_rows, align_length), jnp.int32),
                    align_mask=S((align_rows, align_length), jnp.bool_),
@@ -168,7 +179,7 @@ class Trainer:
         self._masters = jax.jit(lambda p: jax.tree.map(lambda x: jnp.array(x, self.master_dtype, copy=True), p),
                                 out_shardings=self.param_shardings)
         self._init_opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
-        self._logps = jax.jit(self._completion_logps)
+        self._logps = jax.jit(self._item_logps, static_argnums=4)
         self._steps: dict = {}
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lm.params))
 
@@ -180,13 +191,16 @@ class Trainer:
                 "reference": _dtype_name(self.reference_dtype)}
 
     # --------------------------------------------------------------- pieces
-    def _completion_logps(self, params, tokens, mask, loss_mask):
-        logits = self.module.apply({"params": params}, tokens, mask).logits
-        return completion_logps(logits, tokens, loss_mask)
+    def _item_logps(self, params, tokens, items, loss_mask, num_items: int):
+        """Packed rows (rows, T) -> (num_items,) completion log-probs (``kto_data.KTOBatches``)."""
+        logits = self.module.apply({"params": params}, tokens, segment_ids=items).logits
+        return item_logps(logits, tokens, items, loss_mask, num_items)
 
-    def _micro_logps(self, params, tokens, mask, loss_mask):
-        """(A, b, T) -> (A, b), one micro-batch at a time (bounds activation memory)."""
-        return jax.lax.map(lambda x: self._completion_logps(params, *x), (tokens, mask, loss_mask))
+    def _micro_logps(self, params, tokens, items, loss_mask, num_items: int):
+        """(A, rows, T) -> (num_items,), one micro-batch at a time (bounds activation memory);
+        each item lies in one micro-batch, so the per-micro sums add up to its log-prob."""
+        per_micro = jax.lax.map(lambda x: self._item_logps(params, *x, num_items), (tokens, items, loss_mask))
+        return jnp.sum(per_micro, axis=0)
 
     def _align_loss(self, params, batch):
         out, _ = self.module.apply({"params": params}, batch["align_tokens"], batch["align_mask"],
@@ -201,11 +215,12 @@ class Trainer:
         # alignment term all run on this copy; gradients are taken with respect to it.
         params = _tree_cast(masters, self.compute_dtype)
         # The KL pairs only set the reference point z_ref, which carries no gradient (as in TRL).
-        pol_kl = jax.lax.stop_gradient(
-            self._micro_logps(params, batch["kl_tokens"], batch["kl_mask"], batch["kl_loss_mask"]))
+        n = batch["desirable"].shape[0]
+        main = (batch["tokens"], batch["items"], batch["loss_mask"])
+        kl = (batch["kl_tokens"], batch["kl_items"], batch["kl_loss_mask"])
+        pol_kl = jax.lax.stop_gradient(self._micro_logps(params, *kl, n))
         if ref_params is not None:
-            ref = self._micro_logps(ref_params, batch["tokens"], batch["mask"], batch["loss_mask"])
-            ref_kl = self._micro_logps(ref_params, batch["kl_tokens"], batch["kl_mask"], batch["kl_loss_mask"])
+            ref, ref_kl = self._micro_logps(ref_params, *main, n), self._micro_logps(ref_params, *kl, n)
         else:
             ref, ref_kl = batch["ref_logps"], batch["ref_kl_logps"]
         ref, ref_kl = jax.lax.stop_gradient(ref), jax.lax.stop_gradient(ref_kl)
@@ -214,35 +229,33 @@ class Trainer:
         kl_global = jnp.sum(jnp.where(valid, pol_kl - ref_kl, 0.0)) / n_valid
 
         def micro_loss(p, mb):
-            logps = self._completion_logps(p, mb["tokens"], mb["mask"], mb["loss_mask"])
+            # (n,) log-probs, 0 for the items of other micro-batches, which `mine` leaves out.
+            logps = self._item_logps(p, mb["tokens"], mb["items"], mb["loss_mask"], n)
+            mine = valid & jnp.zeros(n + 1, bool).at[mb["items"].reshape(-1)].set(True)[1:]
             # Feeding the global KL mean as every item's KL makes kto_loss use the global-batch
             # z_ref; weighting by the micro-batch's share of valid items makes the micro losses
             # sum to the global-batch loss, so accumulation changes nothing.
             fill = jnp.full_like(logps, kl_global)
-            loss, _ = kto_loss(logps, mb["ref"], fill, jnp.zeros_like(fill), mb["desirable"],
-                               valid=mb["valid"], **self.kto_kw)
-            return loss * jnp.sum(mb["valid"]) / n_valid, logps
+            loss, _ = kto_loss(logps, ref, fill, jnp.zeros_like(fill), batch["desirable"],
+                               valid=mine, **self.kto_kw)
+            return loss * jnp.sum(mine) / n_valid, logps
 
         def grads_of(mb):  # gradients in the compute dtype, handed on as float32
             (_, logps), g = jax.value_and_grad(micro_loss, has_aux=True)(params, mb)
             return jax.tree.map(lambda x: x.astype(f32), g), logps
 
-        micro = {"tokens": batch["tokens"], "mask": batch["mask"], "loss_mask": batch["loss_mask"],
-                 "ref": ref, "desirable": batch["desirable"], "valid": valid}
+        micro = {"tokens": batch["tokens"], "items": batch["items"], "loss_mask": batch["loss_mask"]}
         if batch["tokens"].shape[0] == 1:
             # One micro-batch: no accumulator buffer, its gradients go to the update in float32.
             grads, pol = grads_of(jax.tree.map(lambda x: x[0], micro))
-            pol = pol[None]
         else:
             def body(acc, mb):  # the float32 sum over micro-batches
                 g, logps = grads_of(mb)
-                return jax.tree.map(jnp.add, acc, g), logps
+                return (jax.tree.map(jnp.add, acc[0], g), acc[1] + logps), None
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), masters)
-            grads, pol = jax.lax.scan(body, zeros, micro)
-        flat = lambda x: x.reshape(-1)
-        kto, metrics = kto_loss(flat(pol), flat(ref), flat(pol_kl), flat(ref_kl), flat(batch["desirable"]),
-                                valid=flat(valid), **self.kto_kw)
+            (grads, pol), _ = jax.lax.scan(body, (zeros, jnp.zeros((n,), f32)), micro)
+        kto, metrics = kto_loss(pol, ref, pol_kl, ref_kl, batch["desirable"], valid=valid, **self.kto_kw)
         align = jnp.zeros((), f32)
         if self.lambda_align > 0:
             align, g_align = jax.value_and_grad(self._align_loss)(params, batch)
@@ -309,30 +322,43 @@ class Trainer:
         args = (masters, opt_state, batch, lr) + ((ref_params,) if self.per_step_reference else ())
         return self.step_fn(batch)(*args)
 
-    def logps(self, params, tokens, mask, loss_mask) -> np.ndarray:
-        """(B,) completion log-probs of one (B, T) batch; B a multiple of the batch-parallel size."""
-        placed = shd.put_batch({"t": tokens, "m": mask, "l": loss_mask}, self.mesh)
-        return to_host(self._logps(params, placed["t"], placed["m"], placed["l"]))
+    def logps(self, params, tokens, items, loss_mask, num_items: int) -> np.ndarray:
+        """(num_items,) completion log-probs of packed rows (rows, T) (``item_logps``); rows a
+        multiple of the batch-parallel size."""
+        placed = shd.put_batch({"t": tokens, "i": items, "l": loss_mask}, self.mesh)
+        return to_host(self._logps(params, placed["t"], placed["i"], placed["l"], int(num_items)))
 
 
-def reference_logps(trainer: Trainer, ref_params, data: KTOBatches, *, progress: bool = False):
+def reference_logps(trainer: Trainer, ref_params, data: KTOBatches, *, steps: Sequence[int] | None = None,
+                    progress: bool = False):
     """The reference model's log-probs: (N,) for every item and (total_steps, B) for every step's
-    KL pairs, in batches of the training batch size (one compiled shape)."""
+    KL pairs (only the items and pairs of ``steps`` when given; the rest stay 0). All sequences
+    are packed together (``packing.pack``, rows of the training batch size), so the pass computes
+    almost no padding and compiles a handful of shapes."""
     from tqdm.auto import tqdm
     n, B = len(data.items), data.batch_size
+    steps = range(data.total_steps) if steps is None else list(steps)
+    wanted = sorted({int(i) for s in steps for i in data.indices(s)}) if len(steps) < data.total_steps else range(n)
+    encoded = [data.encoded[i] for i in wanted]
+    for s in steps:
+        encoded += data.kl_encoded(data.indices(s))
+    encoded = [{k: e[k][:data.length] for k in ("input_ids", "loss_mask")} for e in encoded]
+    multiple = shd.batch_multiple(trainer.mesh)
+    batches = pack([e["input_ids"] for e in encoded], rows=round_up(B, multiple), pad_id=data.pad_id,
+                   row_multiple=multiple)
+    out = np.zeros(len(encoded), np.float32)
+    for b in tqdm(batches, desc="reference log-probs", disable=not show_progress(progress), leave=False):
+        owner, loss = np.zeros_like(b.segment_ids), np.zeros(b.segment_ids.shape, bool)
+        for j, (i, r, k) in enumerate(b.items):
+            end = int(b.last[r, k]) + 1
+            start = end - len(encoded[i]["input_ids"])
+            owner[r, start:end], loss[r, start + 1:end] = j + 1, encoded[i]["loss_mask"][1:]
+        got = trainer.logps(ref_params, b.tokens, owner, loss, b.last.size)
+        out[[i for i, _, _ in b.items]] = got[:len(b.items)]
     items = np.zeros(n, np.float32)
-    groups = [np.arange(i, i + B) % n for i in range(0, n, B)]
+    items[list(wanted)] = out[:len(wanted)]
     kl = np.zeros((data.total_steps, B), np.float32)
-    with tqdm(total=len(groups) + data.total_steps, desc="reference log-probs",
-              disable=not show_progress(progress), leave=False) as bar:
-        for idx in groups:
-            a = data.main_arrays(idx)
-            items[idx] = trainer.logps(ref_params, a["tokens"], a["attention_mask"], a["loss_mask"])
-            bar.update()
-        for s in range(data.total_steps):
-            a = data.kl_arrays(data.indices(s))
-            kl[s] = trainer.logps(ref_params, a["tokens"], a["attention_mask"], a["loss_mask"])
-            bar.update()
+    kl[list(steps)] = out[len(wanted):].reshape(len(steps), B)
     return items, kl
 
 

@@ -51,25 +51,44 @@ def pack(ids: Sequence[Sequence[int]], *, rows: int, pad_id: int, row_multiple: 
     lengths = [len(x) for x in ids]
     if any(n == 0 for n in lengths):
         raise ValueError(f"pack: prompt {lengths.index(0)} has no tokens")
-    remaining = sorted(range(len(ids)), key=lambda i: -lengths[i])  # stable: ties keep input order
+    remaining = longest_first(lengths)
     batches = []
     while remaining:
         width = width_of(lengths[remaining[0]])
         need = -(-sum(lengths[i] for i in remaining) // width)
         n_rows = min(rows, -(-(1 << max(0, need - 1).bit_length()) // row_multiple) * row_multiple)
-        free = [width] * n_rows
-        placed: list[list[int]] = [[] for _ in range(n_rows)]
-        left = []
-        for i in remaining:
-            r = next((r for r in range(n_rows) if free[r] >= lengths[i]), None)
-            if r is None:
-                left.append(i)
-                continue
-            placed[r].append(i)
-            free[r] -= lengths[i]
-        remaining = left
+        placed, remaining = first_fit(lengths, remaining, width, n_rows)
         batches.append(_arrays(ids, placed, width, pad_id, min_segments))
     return batches
+
+
+def longest_first(lengths: Sequence[int]) -> list[int]:
+    """Indices by decreasing length; ties keep input order (sorted is stable)."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def first_fit(lengths: Sequence[int], order: Sequence[int], width: int,
+              n_rows: int | None = None) -> tuple[list[list[int]], list[int]]:
+    """Place items (indices into ``lengths``, in ``order``) into rows of ``width`` slots, each into
+    the first row with room. With ``n_rows`` the rows are fixed and what fits nowhere is returned
+    as left over; without, a new row opens when none has room. Returns (rows, left over)."""
+    free = [width] * (n_rows or 0)
+    placed: list[list[int]] = [[] for _ in free]
+    left = []
+    for i in order:
+        if lengths[i] > width:
+            raise ValueError(f"first_fit: item {i} has {lengths[i]} tokens, more than a row's {width}")
+        r = next((r for r in range(len(free)) if free[r] >= lengths[i]), None)
+        if r is None and n_rows is None:
+            free.append(width)
+            placed.append([])
+            r = len(free) - 1
+        if r is None:
+            left.append(i)
+            continue
+        placed[r].append(i)
+        free[r] -= lengths[i]
+    return placed, left
 
 
 def _arrays(ids, placed, width, pad_id, min_segments) -> PackedBatch:

@@ -208,16 +208,16 @@ def train(ctx, stage: str = "align") -> dict:
                                 progress=c.progress, bound=ctx.prompt_bound(lm, origins))
     items = make_items(pairs, a, seed=c.seed, verdicts=verdicts)
     prompt_bound = ctx.prompt_bound(lm, origins, limit=a.max_prompt_length)
+    bm = batch_multiple(lm.mesh)
     data = KTOBatches(items, lm.tokenizer, batch_size=a.batch_size, grad_accum=a.grad_accum, seed=c.seed,
                       epochs=a.epochs, max_steps=a.max_steps, max_length=a.max_length,
-                      max_prompt_length=prompt_bound.limit, pad_id=lm.pad_id,
+                      max_prompt_length=prompt_bound.limit, pad_id=lm.pad_id, row_multiple=bm,
                       chat_template_kwargs=lm.chat_template_kwargs)
     for text, n in data.truncated.items():
         prompt_bound.note(text, n)
-    bm = batch_multiple(lm.mesh)
-    if (a.batch_size // a.grad_accum) % bm:
-        raise ConfigError(f"config.align: batch_size / grad_accum = {a.batch_size // a.grad_accum} items per "
-                          f"micro-batch is not divisible by the mesh's data*fsdp = {bm}")
+    log.info("%s: %d steps of %d items packed into %d x %d rows (KL pairs %d x %d) of %d tokens, %.1f %% padding "
+             "in the first step", stage, data.total_steps, a.batch_size, a.grad_accum, data.rows, a.grad_accum,
+             data.kl_rows, data.length, 100 * data.padding_fraction([0]))
     align_data, layer = None, None
     if a.lambda_align > 0:
         layer = ctx.bottleneck_layer(a.align_layer, "config.align.align_layer")
@@ -288,7 +288,7 @@ def train(ctx, stage: str = "align") -> dict:
                 where = "none" if last_good is None else f"step {last_good} at {os.path.join(ckpt_dir, str(last_good))}"
                 raise NonFiniteLoss(f"non-finite loss at step {s + 1}; last good checkpoint: {where} "
                                     f"(loss={float(m['loss'])}, updated params finite: {bool(m['params_finite'])})")
-            tokens = int(host["mask"].sum())
+            tokens = int((host["items"] > 0).sum())
             last_row = {**_row(s + 1, data, m, float(trainer.schedule(s)), tokens, seconds, peak, trainer.num_params),
                         "master_dtype": precision["master"], "compute_dtype": precision["compute"]}
             metrics_log.write(last_row)
