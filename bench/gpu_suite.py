@@ -80,6 +80,9 @@ def _host_batch(shapes, cfg, rng):
         else:
             out[k] = rng.normal(-50.0, 5.0, s.shape).astype(np.float32)
     out["desirable"] = rng.random(out["desirable"].shape) < 0.5
+    for k in ("items", "kl_items"):  # full rows, one item each (the layout's worst case)
+        a, rows, _ = shapes[k].shape
+        out[k] = np.broadcast_to(1 + np.arange(a * rows, dtype=np.int32).reshape(a, rows, 1), shapes[k].shape).copy()
     return out
 
 

@@ -3,10 +3,11 @@
     PYTHONPATH=. python bench/train_step.py [--steps 10] [--batch 8] [--threads 2] [--sizes hidden_size=512,...]
 
 Both sides train the same tiny random LLaMA checkpoint (configs/tiny.py sizes) on the same
-batches of the project's KTO fixture with AdamW + grad-norm clipping; the PyTorch side is
+batches of the project's KTO fixture (ours packed, PyTorch's one item per row padded to the
+batch's longest, as TRL's collator does) with AdamW + grad-norm clipping; the PyTorch side is
 transformers' LlamaForCausalLM with TRL's KTO formula written out (policy forward/backward on the
 items, no-grad policy forward on the KL pairs, reference log-probs precomputed for both). Batches
-are built before timing; the first steps (compilation, allocator warm-up) are not timed.
+are built before timing, and every step shape is compiled by one untimed pass first.
 Also reported: our step with the reference recomputed every step ("per_step") against the
 precomputed reference. Timing through bench/_timing.py: the three sides alternate round by round
 (--rounds), each round runs --warmup-steps untimed steps then --steps timed ones from fresh
@@ -50,7 +51,7 @@ def main():
 
     from configs.tiny import get_config
     from lasa_jax.method.kto_data import KTOBatches
-    from lasa_jax.method.trainer import Trainer
+    from lasa_jax.method.trainer import Trainer, reference_logps
     from lasa_jax.stages import align as train
     from lasa_jax.data.readers import read_kto_pairs
     from lasa_jax.model.lm import load_model
@@ -78,18 +79,16 @@ def main():
     # Reference log-probs of the steps we run only (the full fixture would take longer than the bench).
     trainer = Trainer(lm, a, total_steps=n_steps, per_step_reference=False)
     t0 = time.perf_counter()
-    idx = np.stack([data.indices(s) for s in range(n_steps)])
-    ref_items = np.zeros(len(items), np.float32)
-    ref_kl = np.zeros((n_steps, args.batch), np.float32)
-    for s in range(n_steps):
-        m, k = data.main_arrays(idx[s]), data.kl_arrays(idx[s])
-        ref_items[idx[s]] = trainer.logps(lm.params, m["tokens"], m["attention_mask"], m["loss_mask"])
-        ref_kl[s] = trainer.logps(lm.params, k["tokens"], k["attention_mask"], k["loss_mask"])
+    data.ref_logps, data.ref_kl_logps = reference_logps(trainer, lm.params, data, steps=range(n_steps))
     precompute_s = time.perf_counter() - t0
-    data.ref_logps, data.ref_kl_logps = ref_items, ref_kl
     batches = [data.host_batch(s) for s in range(n_steps)]
-    tokens = [int(b["mask"].sum()) for b in batches]
+    tokens = [int((b["items"] > 0).sum()) for b in batches]
     timed_tokens = sum(tokens[args.warmup_steps:])
+    computed = sum(b[k].size for b in batches for k in ("items", "kl_items"))
+    real = sum(int((b[k] > 0).sum()) for b in batches for k in ("items", "kl_items"))
+    # The PyTorch side gets TRL's layout: one item per row, padded to the longest in its batch.
+    padded = [(data.padded(data.indices(s)), data.padded(data.indices(s), kl=True)) for s in range(n_steps)]
+    trl_computed = sum(m["tokens"].size + k["tokens"].size for m, k in padded)
 
     trainers = {per_step: Trainer(lm, a, total_steps=n_steps, per_step_reference=per_step)
                 for per_step in (False, True)}
@@ -120,12 +119,13 @@ def main():
             lp = torch.gather(logits.log_softmax(-1), 2, tok[:, 1:, None]).squeeze(2)
             return (lp * loss_mask[:, 1:]).sum(-1)
 
-        tb = [{k: torch.from_numpy(np.asarray(v).reshape(-1, *v.shape[2:])) for k, v in b.items()} for b in batches]
-        for b in tb:
-            for k in ("tokens", "kl_tokens"):
-                b[k] = b[k].long()
-            for k in ("mask", "kl_mask", "loss_mask", "kl_loss_mask"):
-                b[k] = b[k].long() if "loss" not in k else b[k].float()
+        tb = []
+        for b, (m, k) in zip(batches, padded):
+            t = {p + "tokens": torch.from_numpy(x["tokens"]).long() for p, x in (("", m), ("kl_", k))}
+            t.update({p + "mask": torch.from_numpy(x["attention_mask"]).long() for p, x in (("", m), ("kl_", k))})
+            t.update({p + "loss_mask": torch.from_numpy(x["loss_mask"]).float() for p, x in (("", m), ("kl_", k))})
+            t.update({n: torch.from_numpy(np.asarray(b[n])) for n in ("desirable", "ref_logps", "ref_kl_logps")})
+            tb.append(t)
         for s, b in enumerate(tb):
             if s == args.warmup_steps:
                 t = time.perf_counter()
@@ -143,8 +143,12 @@ def main():
 
     print(f"\nLatent-KTO step, LLaMA (d={lm.cfg.hidden_size}, L={lm.cfg.num_layers}, MLP {lm.cfg.intermediate_size}, "
           f"vocab={lm.cfg.vocab_size}, {sum(x.size for x in jax.tree.leaves(lm.params)) / 1e6:.1f}M params), "
-          f"batch {args.batch} x T={data.length}, {args.steps} timed steps per round after {args.warmup_steps} "
-          f"untimed, device {jax.devices()[0].device_kind}; work = real tokens of the timed steps")
+          f"batch {args.batch}, items <= {data.length} tokens, {args.steps} timed steps per round after "
+          f"{args.warmup_steps} untimed, device {jax.devices()[0].device_kind}; work = real tokens of the timed "
+          f"steps\npadding (items + KL pairs, all steps): lasa_jax packed {1 - real / computed:.1%} in "
+          f"{len(data.shapes)} step shape(s) {data.shapes}; PyTorch/TRL padded per batch {1 - real / trl_computed:.1%}")
+    for per_step in (False, True):  # compile every step shape before anything is timed
+        time_jax(per_step)
     session = _timing.Session.from_args(args, "train_step")
     session.compare("Latent-KTO steps", {
         "lasa_jax, precomputed reference": lambda: time_jax(False),
@@ -152,7 +156,8 @@ def main():
         "lasa_jax, per-step reference": lambda: time_jax(True),
     }, work=timed_tokens, unit="tokens")
     print(f"(precomputing these {n_steps} steps' reference took {precompute_s:.2f}s, compile included)")
-    return session.finish(extra={"precompute_s": precompute_s, "timed_tokens": timed_tokens})
+    return session.finish(extra={"precompute_s": precompute_s, "timed_tokens": timed_tokens,
+                                 "padding_packed": 1 - real / computed, "padding_trl": 1 - real / trl_computed})
 
 
 if __name__ == "__main__":

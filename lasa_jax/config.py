@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.align.max_steps = 0  # 0 = epochs decide
     c.align.max_length = 512
     c.align.max_prompt_length = 384
+    # Packed rows per step: "step" sizes each step's rows to its items (least padding, a few
+    # compiled shapes); "run" uses the run's largest for every step (one compile).
+    c.align.pack_rows = "step"  # step | run
     c.align.checkpoint_every = 100
     c.align.keep_checkpoints = 2
     c.align.export = True

@@ -28,9 +28,10 @@ from lasa_jax.errors import ConfigError
 from lasa_jax.infra.fileio import digest
 from lasa_jax.method.gate import REFUSAL_PREFIX, assistant_prefix_text
 from lasa_jax.model.lm import chat_text, round_up
-from lasa_jax.model.packing import first_fit, longest_first
+from lasa_jax.model.packing import first_fit, ladder, longest_first
 
 Z_MODES = ("source", "ssi", "label")
+PACK_ROWS = ("step", "run")
 # The project spec's mix: safety items conditioned half the time, general items never. The authors'
 # files call their general data "ultrafeedback" (their trainer's class default there is 0.05; their
 # paper setting and this spec use 0).
@@ -246,25 +247,30 @@ class KTOBatches:
     item slot is a real item). The KL pairs rotate over the whole global batch (TRL's rotation).
 
     Packing (no compute on padding): a step's B items go whole, longest first, into rows of
-    ``length`` slots (first fit), and the rows are split into ``grad_accum`` micro-batches of
-    ``rows`` rows each; the KL pairs likewise into ``kl_rows`` rows per micro-batch. ``items``
-    (A, rows, length) names each token's item (1 ... B, 0 on padding): the model keeps items apart
-    (``segment_ids``) and sums log-probs per item. ``rows`` and ``kl_rows`` are the most any step
-    of the run needs (rounded up to ``row_multiple``, the data-parallel size), found when the
-    batches are built, so the step compiles once. Per-item arrays (``desirable``, ``valid``, the
-    reference log-probs) are (B,).
+    ``width`` slots (first fit; ``length`` or twice it, whichever computes fewer slots), and the rows are split into ``grad_accum`` micro-batches; the KL
+    pairs likewise. ``items`` (A, rows, width) names each token's item (1 ... B, 0 on padding):
+    the model keeps items apart (``segment_ids``) and sums log-probs per item. Per-item arrays
+    (``desirable``, ``valid``, the reference log-probs) are (B,).
+
+    Rows per micro-batch (``step_rows``, items and KL pairs) are found for every step when the
+    batches are built, from lengths only, and rounded up to 8 steps per octave and to
+    ``row_multiple`` (the data-parallel size). ``pack_rows="step"`` gives each step its own rows:
+    least padding, one compiled step per distinct shape (``shapes``, a handful per run);
+    ``"run"`` gives every step the run's largest: one compile, more padding.
     """
 
     def __init__(self, items: Sequence[KTOItem], tokenizer, *, batch_size: int, grad_accum: int = 1,
                  seed: int = 0, epochs: int = 1, max_steps: int = 0, max_length: int = 512,
                  max_prompt_length: int = 384, pad_id: int = 0, bucket: int = 16, row_multiple: int = 1,
-                 chat_template_kwargs: Mapping[str, Any] | None = None):
+                 pack_rows: str = "step", chat_template_kwargs: Mapping[str, Any] | None = None):
         if len(items) < 2:
             raise ConfigError(f"config.data.kto_pairs: need at least 2 items (1 pair), got {len(items)}")
         if batch_size < 2:
             raise ConfigError("config.align.batch_size must be >= 2: the KTO reference point needs a batch")
         if grad_accum < 1 or batch_size % grad_accum:
             raise ConfigError(f"config.align.batch_size={batch_size} is not divisible by grad_accum={grad_accum}")
+        if pack_rows not in PACK_ROWS:
+            raise ConfigError(f"config.align.pack_rows={pack_rows!r}: expected one of {list(PACK_ROWS)}")
         self.items, self.tokenizer = list(items), tokenizer
         self.batch_size, self.grad_accum, self.seed, self.pad_id = batch_size, grad_accum, seed, pad_id
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
@@ -285,13 +291,20 @@ class KTOBatches:
         self.total_steps = int(max_steps) if max_steps else int(epochs) * self.steps_per_epoch
         if self.total_steps < 1:
             raise ConfigError("config.align: epochs and max_steps give no training step")
-        # Every step's packing, from lengths only (the KL pairs are tokenised here once to learn
-        # theirs): the largest sets the run's fixed shapes.
-        self.rows = self.kl_rows = self.row_multiple
-        for s in range(self.total_steps):
-            idx = self.indices(s)
-            self.rows = max(self.rows, self._rows_for([self.encoded[i] for i in idx]))
-            self.kl_rows = max(self.kl_rows, self._rows_for(self.kl_encoded(idx)))
+        # Every step's item and KL-pair lengths (the KL pairs are tokenised here once to learn
+        # theirs), then the row width that computes fewer slots over the run: max_length, or
+        # twice it, which lets two long items share a row (items near max_length fill a row of
+        # their own length badly).
+        steps = [self.indices(s) for s in range(self.total_steps)]
+        lengths = [([len(self.encoded[i]["input_ids"]) for i in idx], [len(e["input_ids"]) for e in self.kl_encoded(idx)])
+                   for idx in steps]
+        options = []
+        for width in (self.length, 2 * self.length):
+            rows = np.asarray([[self._rows_for(n, width) for n in pair] for pair in lengths], np.int64)
+            if pack_rows == "run":
+                rows = np.broadcast_to(rows.max(0), rows.shape)
+            options.append((int(rows.sum()) * width, width, rows))
+        _, self.width, self.step_rows = min(options, key=lambda o: o[:2])
         self.ref_logps: np.ndarray | None = None  # (N,) once the reference is precomputed
         self.ref_kl_logps: np.ndarray | None = None  # (total_steps, B)
 
@@ -304,13 +317,18 @@ class KTOBatches:
         """The KL pairs of a step's items (``kl_pairs``), tokenised."""
         return [self._encode(it) for it in kl_pairs([self.items[i] for i in idx])]
 
-    def _fill(self, encoded) -> list[list[int]]:
-        lengths = [min(len(e["input_ids"]), self.length) for e in encoded]
-        return first_fit(lengths, longest_first(lengths), self.length)[0]
+    def _fill(self, lengths: Sequence[int], width: int) -> list[list[int]]:
+        lengths = [min(n, self.length) for n in lengths]
+        return first_fit(lengths, longest_first(lengths), width)[0]
 
-    def _rows_for(self, encoded) -> int:
-        per_micro = -(-len(self._fill(encoded)) // self.grad_accum)
-        return round_up(per_micro, self.row_multiple)
+    def _rows_for(self, lengths: Sequence[int], width: int) -> int:
+        per_micro = -(-len(self._fill(lengths, width)) // self.grad_accum)
+        return ladder(per_micro, per_octave=8, multiple=self.row_multiple)
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """The distinct (rows, kl_rows) of the run's steps: one compiled step each."""
+        return sorted({(int(r), int(k)) for r, k in self.step_rows})
 
     @property
     def key(self) -> str:
@@ -320,7 +338,7 @@ class KTOBatches:
         lens = np.asarray([len(e["input_ids"]) for e in self.encoded], np.int64)
         flags = np.asarray([[it.desirable, it.z] for it in self.items], np.int8)
         return digest(toks, masks, lens, flags, [self.batch_size, self.grad_accum, self.seed,
-                                                   self.total_steps, self.length, self.rows, self.kl_rows])
+                                                   self.total_steps, self.length, self.width])
 
     def position(self, step: int) -> tuple[int, int]:
         return divmod(int(step), self.steps_per_epoch)
@@ -331,17 +349,15 @@ class KTOBatches:
         return order[(k * self.batch_size + np.arange(self.batch_size)) % len(self.items)]
 
     def _packed(self, encoded, rows: int) -> dict[str, np.ndarray]:
-        """(A, rows, length) tokens, items (1 + index into ``encoded``, 0 = padding), loss_mask."""
-        filled = self._fill(encoded)
-        total, T = self.grad_accum * rows, self.length
-        if len(filled) > total:  # cannot happen for the run's own steps: rows is their maximum
-            raise ValueError(f"KTOBatches: {len(encoded)} items need {len(filled)} rows of {T}; the layout has {total}")
+        """(A, rows, width) tokens, items (1 + index into ``encoded``, 0 = padding), loss_mask."""
+        filled = self._fill([len(e["input_ids"]) for e in encoded], self.width)
+        total, T = self.grad_accum * int(rows), self.width
         tokens = np.full((total, T), self.pad_id, np.int32)
         owner, loss = np.zeros((total, T), np.int32), np.zeros((total, T), bool)
         for r, row in enumerate(filled):
             at = 0
             for i in row:
-                ids, mask = encoded[i]["input_ids"][:T], encoded[i]["loss_mask"][:T]
+                ids, mask = encoded[i]["input_ids"][:self.length], encoded[i]["loss_mask"][:self.length]
                 sl = slice(at, at + len(ids))
                 tokens[r, sl], owner[r, sl], loss[r, sl] = ids, i + 1, mask
                 loss[r, at] = False  # its log-prob would come from the previous item (item_logps)
@@ -357,8 +373,9 @@ class KTOBatches:
 
     def host_batch(self, step: int) -> dict[str, np.ndarray]:
         idx = self.indices(step)
-        main = self._packed([self.encoded[i] for i in idx], self.rows)
-        kl = self._packed(self.kl_encoded(idx), self.kl_rows)
+        rows, kl_rows = self.step_rows[step]
+        main = self._packed([self.encoded[i] for i in idx], rows)
+        kl = self._packed(self.kl_encoded(idx), kl_rows)
         batch = {**main, **{"kl_" + k: v for k, v in kl.items()},
                  "desirable": np.asarray([self.items[i].desirable for i in idx]),
                  "valid": np.ones(len(idx), bool)}

@@ -30,12 +30,20 @@ class PackedBatch:
         return float((self.segment_ids == 0).mean())
 
 
+def ladder(n: int, *, per_octave: int = 4, multiple: int = 1) -> int:
+    """n rounded up to one of ``per_octave`` steps per octave (at most 100 / per_octave % over
+    n), the step a multiple of ``multiple``: sizes repeat across batches and runs, so a run
+    compiles few shapes."""
+    step = max(1, (1 << max(0, int(n) - 1).bit_length()) // (2 * per_octave))
+    step = -(-step // multiple) * multiple
+    return -(-int(n) // step) * step
+
+
 def row_width(n: int, minimum: int = 16) -> int:
-    """Row width for a longest prompt of n tokens: n rounded up to one of 4 steps per octave
-    (at most 25 % over n), so widths repeat across batches and runs. Rows are filled with
-    shorter prompts, so the rounding costs little padding; finer steps would cost compiles."""
-    step = max(1, (1 << max(0, int(n) - 1).bit_length()) >> 3)
-    return max(minimum, -(-int(n) // step) * step)
+    """Row width for a longest prompt of n tokens: ``ladder(n)`` (at most 25 % over n). Rows
+    are filled with shorter prompts, so the rounding costs little padding; finer steps would cost
+    compiles."""
+    return max(minimum, ladder(n))
 
 
 def pack(ids: Sequence[Sequence[int]], *, rows: int, pad_id: int, row_multiple: int = 1,

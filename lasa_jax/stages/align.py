@@ -211,13 +211,13 @@ def train(ctx, stage: str = "align") -> dict:
     bm = batch_multiple(lm.mesh)
     data = KTOBatches(items, lm.tokenizer, batch_size=a.batch_size, grad_accum=a.grad_accum, seed=c.seed,
                       epochs=a.epochs, max_steps=a.max_steps, max_length=a.max_length,
-                      max_prompt_length=prompt_bound.limit, pad_id=lm.pad_id, row_multiple=bm,
+                      max_prompt_length=prompt_bound.limit, pad_id=lm.pad_id, row_multiple=bm, pack_rows=a.pack_rows,
                       chat_template_kwargs=lm.chat_template_kwargs)
     for text, n in data.truncated.items():
         prompt_bound.note(text, n)
-    log.info("%s: %d steps of %d items packed into %d x %d rows (KL pairs %d x %d) of %d tokens, %.1f %% padding "
-             "in the first step", stage, data.total_steps, a.batch_size, a.grad_accum, data.rows, a.grad_accum,
-             data.kl_rows, data.length, 100 * data.padding_fraction([0]))
+    log.info("%s: %d steps of %d items packed into rows of %d tokens, %.1f %% padding in the first step; "
+             "%d step shape(s) (rows per micro-batch, items / KL pairs): %s", stage, data.total_steps,
+             a.batch_size, data.width, 100 * data.padding_fraction([0]), len(data.shapes), data.shapes)
     align_data, layer = None, None
     if a.lambda_align > 0:
         layer = ctx.bottleneck_layer(a.align_layer, "config.align.align_layer")
