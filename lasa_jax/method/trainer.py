@@ -329,36 +329,45 @@ class Trainer:
         return to_host(self._logps(params, placed["t"], placed["i"], placed["l"], int(num_items)))
 
 
-def reference_logps(trainer: Trainer, ref_params, data: KTOBatches, *, steps: Sequence[int] | None = None,
-                    progress: bool = False):
-    """The reference model's log-probs: (N,) for every item and (total_steps, B) for every step's
-    KL pairs (only the items and pairs of ``steps`` when given; the rest stay 0). All sequences
-    are packed together (``packing.pack``, rows of the training batch size), so the pass computes
-    almost no padding and compiles a handful of shapes."""
-    from tqdm.auto import tqdm
-    n, B = len(data.items), data.batch_size
-    steps = range(data.total_steps) if steps is None else list(steps)
-    wanted = sorted({int(i) for s in steps for i in data.indices(s)}) if len(steps) < data.total_steps else range(n)
+def reference_batches(data: KTOBatches, steps: Sequence[int], row_multiple: int):
+    """What the reference pass computes: the items of ``steps`` (all items when ``steps`` is the
+    whole run) followed by every step's KL pairs, as (item indices, encoded sequences, batches
+    packed by ``packing.pack`` into rows of the training batch size)."""
+    everything = len(steps) == data.total_steps
+    wanted = list(range(len(data.items))) if everything else sorted({int(i) for s in steps for i in data.indices(s)})
     encoded = [data.encoded[i] for i in wanted]
     for s in steps:
         encoded += data.kl_encoded(data.indices(s))
     encoded = [{k: e[k][:data.length] for k in ("input_ids", "loss_mask")} for e in encoded]
-    multiple = shd.batch_multiple(trainer.mesh)
-    batches = pack([e["input_ids"] for e in encoded], rows=round_up(B, multiple), pad_id=data.pad_id,
-                   row_multiple=multiple)
+    batches = pack([e["input_ids"] for e in encoded], rows=round_up(data.batch_size, row_multiple),
+                   pad_id=data.pad_id, row_multiple=row_multiple)
+    return wanted, encoded, batches
+
+
+def reference_logps(trainer: Trainer, ref_params, data: KTOBatches, *, steps: Sequence[int] | None = None,
+                    progress: bool = False):
+    """The reference model's log-probs: (N,) for every item and (total_steps, B) for every step's
+    KL pairs (only the items and pairs of ``steps`` when given; the rest stay 0). All sequences
+    are packed together (``reference_batches``), so the pass computes almost no padding and
+    compiles a handful of shapes."""
+    from tqdm.auto import tqdm
+    steps = range(data.total_steps) if steps is None else list(steps)
+    wanted, encoded, batches = reference_batches(data, steps, shd.batch_multiple(trainer.mesh))
     out = np.zeros(len(encoded), np.float32)
     for b in tqdm(batches, desc="reference log-probs", disable=not show_progress(progress), leave=False):
         owner, loss = np.zeros_like(b.segment_ids), np.zeros(b.segment_ids.shape, bool)
         for j, (i, r, k) in enumerate(b.items):
             end = int(b.last[r, k]) + 1
             start = end - len(encoded[i]["input_ids"])
+            # The first token's loss is dropped, as in the step: its log-prob would come from the
+            # previous item.
             owner[r, start:end], loss[r, start + 1:end] = j + 1, encoded[i]["loss_mask"][1:]
         got = trainer.logps(ref_params, b.tokens, owner, loss, b.last.size)
         out[[i for i, _, _ in b.items]] = got[:len(b.items)]
-    items = np.zeros(n, np.float32)
-    items[list(wanted)] = out[:len(wanted)]
-    kl = np.zeros((data.total_steps, B), np.float32)
-    kl[list(steps)] = out[len(wanted):].reshape(len(steps), B)
+    items = np.zeros(len(data.items), np.float32)
+    items[wanted] = out[:len(wanted)]
+    kl = np.zeros((data.total_steps, data.batch_size), np.float32)
+    kl[list(steps)] = out[len(wanted):].reshape(len(steps), data.batch_size)
     return items, kl
 
 
