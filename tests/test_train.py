@@ -143,7 +143,7 @@ def one_step(tiny, pairs_file):
     full = {**data.padded(idx), **{"kl_" + k: v for k, v in data.padded(idx, kl=True).items()},
             "desirable": np.asarray([data.items[i].desirable for i in idx])}
     host = data.host_batch(0)
-    assert host["tokens"].shape[:2] == (2, data.rows) and data.rows % 8 == 0 and data.kl_rows % 8 == 0
+    assert host["tokens"].shape[:2] == (2, data.step_rows[0][0]) and (data.step_rows % 8 == 0).all()
 
     def logps(p, prefix=""):
         out = lm.module.apply({"params": p}, full[prefix + "tokens"], full[prefix + "attention_mask"])
@@ -220,7 +220,8 @@ def test_batch_shapes_describe_the_host_batches(one_step):
     data, parallel = one_step["data"], one_step["parallel"]
     host = batch_at(data, parallel, 0)
     al = parallel.host_batch(0)["align_tokens"].shape
-    want = batch_shapes(16, 2, data.length, rows=data.rows, kl_rows=data.kl_rows, precomputed="ref_logps" in host,
+    rows, kl_rows = data.step_rows[0]
+    want = batch_shapes(16, 2, data.width, rows=rows, kl_rows=kl_rows, precomputed="ref_logps" in host,
                         align_rows=al[0], align_length=al[1])
     assert {k: (v.shape, np.dtype(v.dtype)) for k, v in host.items()} == \
            {k: (v.shape, np.dtype(v.dtype)) for k, v in want.items()}
