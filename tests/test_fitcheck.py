@@ -285,3 +285,14 @@ def test_mixed_precision_state_is_what_xla_holds():
     assert stats.alias_size_in_bytes == pytest.approx(state, rel=5e-3)
     # A bf16-master run would hold half: the dtypes are really what the trainer allocates.
     assert est.breakdown["compute_params"] == 2 * est.model.num_params() / 8
+
+
+def test_attention_cost_of_llama3_8b_from_its_published_shape():
+    """ModelConfig.attention_cost, which sizes packed KTO rows: for Llama-3.1-8B, from the model
+    card's 8,030,261,248 parameters, hand-derived: attention per key 4 * 32 heads * 128 * 32
+    layers FLOPs; matmul FLOPs per token 2 * (8,030,261,248 - 128,256 * 4,096), all weights but
+    the input embedding table. Tolerance 1e-6 relative (float arithmetic)."""
+    want = 4 * 32 * 128 * 32 / (2 * (8_030_261_248 - 128_256 * 4_096 - 4_096))  # - the final norm
+    assert math.isclose(KNOWN_MODELS["llama3.1-8b"].attention_cost(), want, rel_tol=1e-6)
+    # At 512 keys attention is ~2 % of an 8B token's FLOPs; at a toy shape it dominates.
+    assert 0.01 < 512 * want < 0.03 and TINY.attention_cost() * 192 > 0.5

@@ -247,7 +247,7 @@ class KTOBatches:
     item slot is a real item). The KL pairs rotate over the whole global batch (TRL's rotation).
 
     Packing (no compute on padding): a step's B items go whole, longest first, into rows of
-    ``width`` slots (first fit; ``length`` or twice it, whichever computes fewer slots), and the rows are split into ``grad_accum`` micro-batches; the KL
+    ``width`` slots (first fit; ``length`` or twice it, whichever computes less), and the rows are split into ``grad_accum`` micro-batches; the KL
     pairs likewise. ``items`` (A, rows, width) names each token's item (1 ... B, 0 on padding):
     the model keeps items apart (``segment_ids``) and sums log-probs per item. Per-item arrays
     (``desirable``, ``valid``, the reference log-probs) are (B,).
@@ -262,7 +262,7 @@ class KTOBatches:
     def __init__(self, items: Sequence[KTOItem], tokenizer, *, batch_size: int, grad_accum: int = 1,
                  seed: int = 0, epochs: int = 1, max_steps: int = 0, max_length: int = 512,
                  max_prompt_length: int = 384, pad_id: int = 0, bucket: int = 16, row_multiple: int = 1,
-                 pack_rows: str = "step", chat_template_kwargs: Mapping[str, Any] | None = None):
+                 pack_rows: str = "step", attention_cost: float = 0.0, chat_template_kwargs: Mapping[str, Any] | None = None):
         if len(items) < 2:
             raise ConfigError(f"config.data.kto_pairs: need at least 2 items (1 pair), got {len(items)}")
         if batch_size < 2:
@@ -292,9 +292,10 @@ class KTOBatches:
         if self.total_steps < 1:
             raise ConfigError("config.align: epochs and max_steps give no training step")
         # Every step's item and KL-pair lengths (the KL pairs are tokenised here once to learn
-        # theirs), then the row width that computes fewer slots over the run: max_length, or
-        # twice it, which lets two long items share a row (items near max_length fill a row of
-        # their own length badly).
+        # theirs), then the row width that costs less over the run: max_length, or twice it,
+        # which lets two long items share a row (items near max_length fill a row of their own
+        # length badly) but makes each token attend over a wider row. ``attention_cost`` is the
+        # model's ``ModelConfig.attention_cost()`` (0: count slots only).
         steps = [self.indices(s) for s in range(self.total_steps)]
         lengths = [([len(self.encoded[i]["input_ids"]) for i in idx], [len(e["input_ids"]) for e in self.kl_encoded(idx)])
                    for idx in steps]
@@ -303,7 +304,7 @@ class KTOBatches:
             rows = np.asarray([[self._rows_for(n, width) for n in pair] for pair in lengths], np.int64)
             if pack_rows == "run":
                 rows = np.broadcast_to(rows.max(0), rows.shape)
-            options.append((int(rows.sum()) * width, width, rows))
+            options.append((int(rows.sum()) * width * (1 + attention_cost * width), width, rows))
         _, self.width, self.step_rows = min(options, key=lambda o: o[:2])
         self.ref_logps: np.ndarray | None = None  # (N,) once the reference is precomputed
         self.ref_kl_logps: np.ndarray | None = None  # (total_steps, B)

@@ -84,6 +84,15 @@ class ModelConfig:
         emb = v * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * layer + emb + d
 
+    def attention_cost(self) -> float:
+        """FLOPs of attention per token per attended key (QK^T and AV, every layer), relative to
+        the token's matmul FLOPs through the weights (layers and LM head): a row of W tokens
+        costs about W * (1 + attention_cost() * W) token-matmuls."""
+        d, v = self.hidden_size, self.vocab_size
+        layer_params = (self.num_params() - d - v * d * (1 if self.tie_embeddings else 2)) // self.num_layers
+        per_token = 2 * (self.num_layers * layer_params + v * d)
+        return 4 * self.num_heads * self.head_dim * self.num_layers / per_token
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
