@@ -227,7 +227,7 @@ def test_packed_steps_hold_every_item_once_and_whole(authors_items_llama, grad_a
     with its own tokens and loss mask (the first token's loss dropped: its log-prob would come
     from the previous item); rows per micro-batch are a multiple of the data-parallel size."""
     items, tok = authors_items_llama
-    data = _batches(items, tok, batch_size=16, grad_accum=grad_accum, row_multiple=multiple)
+    data = _batches(items, tok, batch_size=16, grad_accum=grad_accum, row_multiple=multiple, pack_rows="step")
     for s in range(data.total_steps):
         b, idx = data.host_batch(s), data.indices(s)
         assert b["tokens"].shape == (grad_accum, data.step_rows[s][0], data.width)
@@ -251,9 +251,9 @@ def test_packing_the_authors_data_leaves_at_most_ten_percent_padding(authors_ite
     """Issue 16's target on the authors' KTO file with the real tokenizer, 16 items per step on
     one device: items and KL pairs packed compute <= 10 % padding (measured 9.1 %), where one
     item per row padded to the batch's longest (TRL's collator) computes 21 %. With one compiled
-    shape for the run (pack_rows="run"), 19 %."""
+    shape for the run (pack_rows="run", the default), 19 %."""
     items, tok = authors_items_llama
-    data = _batches(items, tok, batch_size=16)
+    data = _batches(items, tok, batch_size=16, pack_rows="step")
     trl_pad = trl_all = 0
     for s in range(data.total_steps):
         for kl in (False, True):

@@ -254,15 +254,16 @@ class KTOBatches:
 
     Rows per micro-batch (``step_rows``, items and KL pairs) are found for every step when the
     batches are built, from lengths only, and rounded up to 8 steps per octave and to
-    ``row_multiple`` (the data-parallel size). ``pack_rows="step"`` gives each step its own rows:
-    least padding, one compiled step per distinct shape (``shapes``, a handful per run);
-    ``"run"`` gives every step the run's largest: one compile, more padding.
+    ``row_multiple`` (the data-parallel size). ``pack_rows="run"`` (default) gives every step the
+    run's largest: one compile. ``"step"`` gives each step its own rows: least padding, one
+    compiled step per distinct shape (``shapes``: 3-9 on the authors' data, 19 on the toy
+    world's 80 steps of short items, where compiling cost more than the padding saved).
     """
 
     def __init__(self, items: Sequence[KTOItem], tokenizer, *, batch_size: int, grad_accum: int = 1,
                  seed: int = 0, epochs: int = 1, max_steps: int = 0, max_length: int = 512,
                  max_prompt_length: int = 384, pad_id: int = 0, bucket: int = 16, row_multiple: int = 1,
-                 pack_rows: str = "step", attention_cost: float = 0.0, chat_template_kwargs: Mapping[str, Any] | None = None):
+                 pack_rows: str = "run", attention_cost: float = 0.0, chat_template_kwargs: Mapping[str, Any] | None = None):
         if len(items) < 2:
             raise ConfigError(f"config.data.kto_pairs: need at least 2 items (1 pair), got {len(items)}")
         if batch_size < 2:
