@@ -247,10 +247,11 @@ class KTOBatches:
     item slot is a real item). The KL pairs rotate over the whole global batch (TRL's rotation).
 
     Packing (no compute on padding): a step's B items go whole, longest first, into rows of
-    ``width`` slots (first fit; ``length`` or twice it, whichever computes less), and the rows are split into ``grad_accum`` micro-batches; the KL
-    pairs likewise. ``items`` (A, rows, width) names each token's item (1 ... B, 0 on padding):
-    the model keeps items apart (``segment_ids``) and sums log-probs per item. Per-item arrays
-    (``desirable``, ``valid``, the reference log-probs) are (B,).
+    ``width`` slots (first fit; ``length`` or twice it, whichever computes less), and the rows
+    are split into ``grad_accum`` micro-batches; the KL pairs likewise. ``items`` (A, rows,
+    width) names each token's item (1 ... B, 0 on padding): the model keeps items apart
+    (``segment_ids``) and sums log-probs per item. Per-item arrays (``desirable``, ``valid``, the
+    reference log-probs) are (B,).
 
     Rows per micro-batch (``step_rows``, items and KL pairs) are found for every step when the
     batches are built, from lengths only, and rounded up to 8 steps per octave and to
@@ -263,7 +264,8 @@ class KTOBatches:
     def __init__(self, items: Sequence[KTOItem], tokenizer, *, batch_size: int, grad_accum: int = 1,
                  seed: int = 0, epochs: int = 1, max_steps: int = 0, max_length: int = 512,
                  max_prompt_length: int = 384, pad_id: int = 0, bucket: int = 16, row_multiple: int = 1,
-                 pack_rows: str = "run", attention_cost: float = 0.0, chat_template_kwargs: Mapping[str, Any] | None = None):
+                 pack_rows: str = "run", attention_cost: float = 0.0,
+                 chat_template_kwargs: Mapping[str, Any] | None = None):
         if len(items) < 2:
             raise ConfigError(f"config.data.kto_pairs: need at least 2 items (1 pair), got {len(items)}")
         if batch_size < 2:
@@ -298,8 +300,8 @@ class KTOBatches:
         # length badly) but makes each token attend over a wider row. ``attention_cost`` is the
         # model's ``ModelConfig.attention_cost()`` (0: count slots only).
         steps = [self.indices(s) for s in range(self.total_steps)]
-        lengths = [([len(self.encoded[i]["input_ids"]) for i in idx], [len(e["input_ids"]) for e in self.kl_encoded(idx)])
-                   for idx in steps]
+        lengths = [([len(self.encoded[i]["input_ids"]) for i in idx],
+                    [len(e["input_ids"]) for e in self.kl_encoded(idx)]) for idx in steps]
         options = []
         for width in (self.length, 2 * self.length):
             rows = np.asarray([[self._rows_for(n, width) for n in pair] for pair in lengths], np.int64)
