@@ -76,7 +76,7 @@ def main():
     n_steps = args.warmup_steps + args.steps
     data = KTOBatches(items, lm.tokenizer, batch_size=args.batch, grad_accum=1, seed=0, max_steps=n_steps,
                       max_length=args.max_length, max_prompt_length=a.max_prompt_length, pad_id=lm.pad_id,
-                      attention_cost=lm.cfg.attention_cost(), pack_rows="step")
+                      attention_cost=lm.cfg.attention_cost())
     # Reference log-probs of the steps we run only (the full fixture would take longer than the bench).
     trainer = Trainer(lm, a, total_steps=n_steps, per_step_reference=False)
     t0 = time.perf_counter()

@@ -140,10 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.align.max_steps = 0  # 0 = epochs decide
     c.align.max_length = 512
     c.align.max_prompt_length = 384
-    # Packed rows per step: "run" gives every step the run's largest (one compiled step);
-    # "step" sizes each step's rows to its items (least padding, one compile per distinct
-    # shape: 3-9 on the authors' data, 19 on the toy world's short items).
-    c.align.pack_rows = "run"  # run | step
+    # Packed rows per step come from at most this many shapes, one compiled step each
+    # (1 = the run's largest rows for every step).
+    c.align.step_shapes = 8
     c.align.checkpoint_every = 100
     c.align.keep_checkpoints = 2
     c.align.export = True

@@ -160,7 +160,7 @@ FIELD_RULES: dict[str, Rule] = {
     "align.undesirable_weight": _float(0.0, lo_open=True), "align.z_mode": _choice(*Z_MODES),
     "align.source_probs": _checked_elsewhere, "align.lambda_align": _float(0.0),
     "align.align_layer": _int(0, also=(-1,)), "align.align_batch_queries": _SIZE,
-    "align.reference": _choice("precomputed", "per_step"), "align.pack_rows": _choice("step", "run"),
+    "align.reference": _choice("precomputed", "per_step"), "align.step_shapes": _SIZE,
     "align.learning_rate": _float(0.0, lo_open=True),
     "align.warmup_steps": _int(0), "align.weight_decay": _float(0.0), "align.grad_clip": _float(0.0, lo_open=True),
     "align.batch_size": _int(2), "align.grad_accum": _SIZE, "align.epochs": _SIZE, "align.max_steps": _int(0),

@@ -227,7 +227,7 @@ def test_packed_steps_hold_every_item_once_and_whole(authors_items_llama, grad_a
     with its own tokens and loss mask (the first token's loss dropped: its log-prob would come
     from the previous item); rows per micro-batch are a multiple of the data-parallel size."""
     items, tok = authors_items_llama
-    data = _batches(items, tok, batch_size=16, grad_accum=grad_accum, row_multiple=multiple, pack_rows="step")
+    data = _batches(items, tok, batch_size=16, grad_accum=grad_accum, row_multiple=multiple)
     for s in range(data.total_steps):
         b, idx = data.host_batch(s), data.indices(s)
         assert b["tokens"].shape == (grad_accum, data.step_rows[s][0], data.width)
@@ -251,9 +251,9 @@ def test_packing_the_authors_data_leaves_at_most_ten_percent_padding(authors_ite
     """Issue 16's target on the authors' KTO file with the real tokenizer, 16 items per step on
     one device: items and KL pairs packed compute <= 10 % padding (measured 9.1 %), where one
     item per row padded to the batch's longest (TRL's collator) computes 21 %. With one compiled
-    shape for the run (pack_rows="run", the default), 19 %."""
+    shape for the run (step_shapes=1), 19 %; with the default 8 shapes, 9.3 %."""
     items, tok = authors_items_llama
-    data = _batches(items, tok, batch_size=16, pack_rows="step")
+    data = _batches(items, tok, batch_size=16)
     trl_pad = trl_all = 0
     for s in range(data.total_steps):
         for kl in (False, True):
@@ -261,15 +261,16 @@ def test_packing_the_authors_data_leaves_at_most_ten_percent_padding(authors_ite
             trl_pad, trl_all = trl_pad + int((~p["attention_mask"]).sum()), trl_all + p["attention_mask"].size
     assert data.padding_fraction() <= 0.10
     assert trl_pad / trl_all > 0.18  # the comparison is not against an easy case
-    one = _batches(items, tok, batch_size=16, pack_rows="run")
+    assert len(data.shapes) <= 8
+    one = _batches(items, tok, batch_size=16, step_shapes=1)
     assert len(one.shapes) == 1 and one.padding_fraction() >= data.padding_fraction()
 
 
-def test_bad_pack_rows_is_a_config_error(authors_items_llama):
+def test_bad_step_shapes_is_a_config_error(authors_items_llama):
     from lasa_jax.errors import ConfigError
     items, tok = authors_items_llama
-    with pytest.raises(ConfigError, match="config.align.pack_rows='fixed'"):
-        _batches(items, tok, batch_size=16, pack_rows="fixed")
+    with pytest.raises(ConfigError, match="config.align.step_shapes=0"):
+        _batches(items, tok, batch_size=16, step_shapes=0)
 
 
 @pytest.mark.parametrize("batch_size,multiple", [(16, 1), (64, 8)])
@@ -287,3 +288,19 @@ def test_reference_pass_packs_with_at_most_ten_percent_padding(authors_items_lla
     assert 1 - real / computed <= 0.10
     assert len({b.tokens.shape for b in batches}) <= 8
     assert all(b.tokens.shape[0] % multiple == 0 for b in batches)
+
+
+def test_choose_shapes_covers_every_need_with_at_most_limit_shapes():
+    """Exact integer checks on random needs: every batch gets a shape >= its need in both
+    columns, at most `limit` distinct shapes, 1 gives the column-wise maximum, and a larger
+    limit never costs more."""
+    from lasa_jax.model.packing import choose_shapes
+    rng = np.random.default_rng(0)
+    needs = rng.integers(4, 17, (200, 2))
+    totals = []
+    for limit in (1, 2, 4, 8, 1000):
+        got = choose_shapes(needs, limit)
+        assert (got >= needs).all() and len({tuple(g) for g in got}) <= limit
+        totals.append(int(got.sum()))
+    assert (choose_shapes(needs, 1) == needs.max(0)).all()
+    assert totals == sorted(totals, reverse=True) and totals[-1] < totals[0]

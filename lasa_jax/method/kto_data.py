@@ -28,10 +28,9 @@ from lasa_jax.errors import ConfigError
 from lasa_jax.infra.fileio import digest
 from lasa_jax.method.gate import REFUSAL_PREFIX, assistant_prefix_text
 from lasa_jax.model.lm import chat_text, round_up
-from lasa_jax.model.packing import first_fit, ladder, longest_first
+from lasa_jax.model.packing import choose_shapes, first_fit, ladder, longest_first
 
 Z_MODES = ("source", "ssi", "label")
-PACK_ROWS = ("step", "run")
 # The project spec's mix: safety items conditioned half the time, general items never. The authors'
 # files call their general data "ultrafeedback" (their trainer's class default there is 0.05; their
 # paper setting and this spec use 0).
@@ -255,16 +254,16 @@ class KTOBatches:
 
     Rows per micro-batch (``step_rows``, items and KL pairs) are found for every step when the
     batches are built, from lengths only, and rounded up to 8 steps per octave and to
-    ``row_multiple`` (the data-parallel size). ``pack_rows="run"`` (default) gives every step the
-    run's largest: one compile. ``"step"`` gives each step its own rows: least padding, one
-    compiled step per distinct shape (``shapes``: 3-9 on the authors' data, 19 on the toy
-    world's 80 steps of short items, where compiling cost more than the padding saved).
+    ``row_multiple`` (the data-parallel size), then taken from at most ``step_shapes`` distinct
+    (rows, KL rows) shapes (``packing.choose_shapes``): one compiled step per shape (``shapes``).
+    1 gives every step the run's largest rows; unbounded, the toy world's 80 steps of short items
+    needed 19 shapes, where compiling cost more than the padding saved.
     """
 
     def __init__(self, items: Sequence[KTOItem], tokenizer, *, batch_size: int, grad_accum: int = 1,
                  seed: int = 0, epochs: int = 1, max_steps: int = 0, max_length: int = 512,
                  max_prompt_length: int = 384, pad_id: int = 0, bucket: int = 16, row_multiple: int = 1,
-                 pack_rows: str = "run", attention_cost: float = 0.0,
+                 step_shapes: int = 8, attention_cost: float = 0.0,
                  chat_template_kwargs: Mapping[str, Any] | None = None):
         if len(items) < 2:
             raise ConfigError(f"config.data.kto_pairs: need at least 2 items (1 pair), got {len(items)}")
@@ -272,8 +271,8 @@ class KTOBatches:
             raise ConfigError("config.align.batch_size must be >= 2: the KTO reference point needs a batch")
         if grad_accum < 1 or batch_size % grad_accum:
             raise ConfigError(f"config.align.batch_size={batch_size} is not divisible by grad_accum={grad_accum}")
-        if pack_rows not in PACK_ROWS:
-            raise ConfigError(f"config.align.pack_rows={pack_rows!r}: expected one of {list(PACK_ROWS)}")
+        if not isinstance(step_shapes, int) or step_shapes < 1:
+            raise ConfigError(f"config.align.step_shapes={step_shapes!r}: expected an int >= 1 (compiled step shapes)")
         self.items, self.tokenizer = list(items), tokenizer
         self.batch_size, self.grad_accum, self.seed, self.pad_id = batch_size, grad_accum, seed, pad_id
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
@@ -305,8 +304,7 @@ class KTOBatches:
         options = []
         for width in (self.length, 2 * self.length):
             rows = np.asarray([[self._rows_for(n, width) for n in pair] for pair in lengths], np.int64)
-            if pack_rows == "run":
-                rows = np.broadcast_to(rows.max(0), rows.shape)
+            rows = choose_shapes(rows, step_shapes)
             options.append((int(rows.sum()) * width * (1 + attention_cost * width), width, rows))
         _, self.width, self.step_rows = min(options, key=lambda o: o[:2])
         self.ref_logps: np.ndarray | None = None  # (N,) once the reference is precomputed

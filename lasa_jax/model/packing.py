@@ -117,3 +117,31 @@ def _arrays(ids, placed, width, pad_id, min_segments) -> PackedBatch:
             items.append((i, r, k))
             at += n
     return PackedBatch(tokens, segments, last, items)
+
+
+def choose_shapes(needs: np.ndarray, limit: int) -> np.ndarray:
+    """(n, k) int sizes each batch needs (rows of each kind) -> (n, k): each batch's sizes taken
+    from at most ``limit`` distinct shapes, every shape covering what its batches need (>= in
+    every column). Greedy: start from the largest need, then add the needed shape that lowers
+    the total (sum of sizes over batches) most, until ``limit`` or no gain. ``limit`` is the
+    number of compiled programs a run may make."""
+    needs = np.asarray(needs, np.int64)
+    pairs, counts = np.unique(needs, axis=0, return_counts=True)
+
+    def assign(chosen):
+        ch = np.asarray(chosen)
+        covers = (ch[None, :, :] >= pairs[:, None, :]).all(-1)
+        cost = np.where(covers, ch.sum(1)[None, :], np.iinfo(np.int64).max)
+        return cost.argmin(1), int((cost.min(1) * counts).sum())
+
+    chosen = [tuple(pairs.max(0))]
+    total = assign(chosen)[1]
+    while len(chosen) < limit:
+        options = [(assign(chosen + [tuple(p)])[1], tuple(p)) for p in pairs if tuple(p) not in chosen]
+        if not options or min(options)[0] >= total:
+            break
+        total, best = min(options)
+        chosen.append(best)
+    which, _ = assign(chosen)
+    shape_of = {tuple(p): chosen[w] for p, w in zip(pairs, which)}
+    return np.asarray([shape_of[tuple(n)] for n in needs], np.int64).reshape(needs.shape)
