@@ -57,8 +57,9 @@ def toy_config(model_path: str = TOY_MODEL, workdir: str = "runs/toy"):
     c.align.epochs = 2
     c.align.max_length = 64
     c.align.max_prompt_length = 48
-    # 80 steps of short items: compiling a step shape costs more than the padding it saves.
-    c.align.step_shapes = 2
+    # 80 steps of short items: compiling a second step shape cost more than the padding it
+    # saved (README run 62 s with one shape, 110 s with two).
+    c.align.step_shapes = 1
     c.align.checkpoint_every = 1000
     c.evaluate.max_new_tokens = 24
     # 24 queries per set and language: all of a v1-v3 file; a seeded random 24 of a v4 file, which
