@@ -233,6 +233,23 @@ def collate(
     return {"tokens": tokens, "attention_mask": attn, "loss_mask": loss, "positions": positions}
 
 
+def place_rows(encoded: Sequence[Mapping[str, Sequence[int]]], placed: Sequence[Sequence[int]], rows: int,
+               width: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Packed (rows, width) arrays of encoded items, ``placed[r]`` the indices (into ``encoded``)
+    of row r in order: tokens, ``items`` (1 + index, 0 = padding) and loss_mask. An item's first
+    token carries no loss: its log-prob would come from the previous item (``kto.item_logps``)."""
+    tokens = np.full((rows, width), pad_id, np.int32)
+    owner, loss = np.zeros((rows, width), np.int32), np.zeros((rows, width), bool)
+    for r, row in enumerate(placed):
+        at = 0
+        for i in row:
+            n = len(encoded[i]["input_ids"])
+            tokens[r, at:at + n], owner[r, at:at + n] = encoded[i]["input_ids"], i + 1
+            loss[r, at + 1:at + n] = encoded[i]["loss_mask"][1:]
+            at += n
+    return {"tokens": tokens, "items": owner, "loss_mask": loss}
+
+
 def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
     """Permutation of range(n) for one epoch; a pure function of (seed, epoch) so resume recomputes it."""
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
@@ -352,20 +369,10 @@ class KTOBatches:
 
     def _packed(self, encoded, rows: int) -> dict[str, np.ndarray]:
         """(A, rows, width) tokens, items (1 + index into ``encoded``, 0 = padding), loss_mask."""
+        encoded = [{k: e[k][:self.length] for k in ("input_ids", "loss_mask")} for e in encoded]
         filled = self._fill([len(e["input_ids"]) for e in encoded], self.width)
-        total, T = self.grad_accum * int(rows), self.width
-        tokens = np.full((total, T), self.pad_id, np.int32)
-        owner, loss = np.zeros((total, T), np.int32), np.zeros((total, T), bool)
-        for r, row in enumerate(filled):
-            at = 0
-            for i in row:
-                ids, mask = encoded[i]["input_ids"][:self.length], encoded[i]["loss_mask"][:self.length]
-                sl = slice(at, at + len(ids))
-                tokens[r, sl], owner[r, sl], loss[r, sl] = ids, i + 1, mask
-                loss[r, at] = False  # its log-prob would come from the previous item (item_logps)
-                at += len(ids)
-        shape = (self.grad_accum, rows, T)
-        return {"tokens": tokens.reshape(shape), "items": owner.reshape(shape), "loss_mask": loss.reshape(shape)}
+        out = place_rows(encoded, filled, self.grad_accum * int(rows), self.width, self.pad_id)
+        return {k: v.reshape(self.grad_accum, int(rows), self.width) for k, v in out.items()}
 
     def padded(self, idx: Sequence[int], *, kl: bool = False) -> dict[str, np.ndarray]:
         """The step's items (or KL pairs) one per row, right-padded to the longest: the layout

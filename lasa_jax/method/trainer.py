@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lasa_jax.infra import mesh as shd
 from lasa_jax.infra.multihost import show_progress, to_host
 from lasa_jax.method.kto import alignment_loss, item_logps, kto_loss
-from lasa_jax.method.kto_data import KTOBatches
+from lasa_jax.method.kto_data import KTOBatches, place_rows
 from lasa_jax.model.checkpoint import flatten, unflatten
 from lasa_jax.model.lm import LanguageModel, as_dtype, round_up
 from lasa_jax.model.packing import pack
@@ -355,14 +355,12 @@ def reference_logps(trainer: Trainer, ref_params, data: KTOBatches, *, steps: Se
     wanted, encoded, batches = reference_batches(data, steps, shd.batch_multiple(trainer.mesh))
     out = np.zeros(len(encoded), np.float32)
     for b in tqdm(batches, desc="reference log-probs", disable=not show_progress(progress), leave=False):
-        owner, loss = np.zeros_like(b.segment_ids), np.zeros(b.segment_ids.shape, bool)
-        for j, (i, r, k) in enumerate(b.items):
-            end = int(b.last[r, k]) + 1
-            start = end - len(encoded[i]["input_ids"])
-            # The first token's loss is dropped, as in the step: its log-prob would come from the
-            # previous item.
-            owner[r, start:end], loss[r, start + 1:end] = j + 1, encoded[i]["loss_mask"][1:]
-        got = trainer.logps(ref_params, b.tokens, owner, loss, b.last.size)
+        # The batch's rows as the step lays them out, items numbered in b.items' (row, slot) order.
+        placed = [[] for _ in range(b.tokens.shape[0])]
+        for j, (_, r, _) in enumerate(b.items):
+            placed[r].append(j)
+        rows = place_rows([encoded[i] for i, _, _ in b.items], placed, *b.tokens.shape, data.pad_id)
+        got = trainer.logps(ref_params, rows["tokens"], rows["items"], rows["loss_mask"], b.last.size)
         out[[i for i, _, _ in b.items]] = got[:len(b.items)]
     items = np.zeros(len(data.items), np.float32)
     items[wanted] = out[:len(wanted)]

@@ -211,8 +211,8 @@ def train(ctx, stage: str = "align") -> dict:
     bm = batch_multiple(lm.mesh)
     data = KTOBatches(items, lm.tokenizer, batch_size=a.batch_size, grad_accum=a.grad_accum, seed=c.seed,
                       epochs=a.epochs, max_steps=a.max_steps, max_length=a.max_length,
-                      max_prompt_length=prompt_bound.limit, pad_id=lm.pad_id, row_multiple=bm, step_shapes=a.step_shapes,
-                      attention_cost=lm.cfg.attention_cost(),
+                      max_prompt_length=prompt_bound.limit, pad_id=lm.pad_id, row_multiple=bm,
+                      step_shapes=a.step_shapes, attention_cost=lm.cfg.attention_cost(),
                       chat_template_kwargs=lm.chat_template_kwargs)
     for text, n in data.truncated.items():
         prompt_bound.note(text, n)
