@@ -32,7 +32,7 @@ from lasa_jax.method.kto import alignment_loss, item_logps, kto_loss
 from lasa_jax.method.kto_data import KTOBatches, place_rows
 from lasa_jax.model.checkpoint import flatten, unflatten
 from lasa_jax.model.lm import LanguageModel, as_dtype, round_up
-from lasa_jax.model.packing import first_fit, longest_first
+from lasa_jax.model.packing import pack
 from lasa_jax.model.transformer import param_specs
 
 BATCH_AXES = ("data", "fsdp")
@@ -331,23 +331,16 @@ class Trainer:
 
 def reference_batches(data: KTOBatches, steps: Sequence[int], row_multiple: int):
     """What the reference pass computes: the items of ``steps`` (all items when ``steps`` is the
-    whole run) followed by every step's KL pairs, packed together (first fit, longest first) into
-    rows of the step's width, as many rows per batch as the step's largest micro-batch (so the
-    pass fits wherever the step does); the last batch's rows rounded up to ``row_multiple``. At
-    most two shapes, so the pass compiles at most twice (per-batch widths compiled a program per
-    width: 75 s against 17 s at 25M parameters). Returns (item indices, encoded sequences,
-    batches), a batch being its rows, each a list of indices into the encoded sequences."""
+    whole run) followed by every step's KL pairs, as (item indices, encoded sequences, batches
+    packed by ``packing.pack`` into rows of the training batch size)."""
     everything = len(steps) == data.total_steps
     wanted = list(range(len(data.items))) if everything else sorted({int(i) for s in steps for i in data.indices(s)})
     encoded = [data.encoded[i] for i in wanted]
     for s in steps:
         encoded += data.kl_encoded(data.indices(s))
     encoded = [{k: e[k][:data.length] for k in ("input_ids", "loss_mask")} for e in encoded]
-    lengths = [len(e["input_ids"]) for e in encoded]
-    filled = first_fit(lengths, longest_first(lengths), data.width)[0]
-    per_batch = round_up(int(data.step_rows.max()), row_multiple)
-    batches = [filled[at:at + per_batch] for at in range(0, len(filled), per_batch)]
-    batches[-1] += [[] for _ in range(round_up(len(batches[-1]), row_multiple) - len(batches[-1]))]
+    batches = pack([e["input_ids"] for e in encoded], rows=round_up(data.batch_size, row_multiple),
+                   pad_id=data.pad_id, row_multiple=row_multiple)
     return wanted, encoded, batches
 
 
@@ -355,20 +348,20 @@ def reference_logps(trainer: Trainer, ref_params, data: KTOBatches, *, steps: Se
                     progress: bool = False):
     """The reference model's log-probs: (N,) for every item and (total_steps, B) for every step's
     KL pairs (only the items and pairs of ``steps`` when given; the rest stay 0). All sequences
-    are packed together (``reference_batches``): almost no padding, at most two compiles."""
+    are packed together (``reference_batches``), so the pass computes almost no padding and
+    compiles a handful of shapes."""
     from tqdm.auto import tqdm
     steps = range(data.total_steps) if steps is None else list(steps)
     wanted, encoded, batches = reference_batches(data, steps, shd.batch_multiple(trainer.mesh))
-    # One output size for every batch: a second value would compile a second program.
-    most = max(sum(len(row) for row in rows) for rows in batches)
     out = np.zeros(len(encoded), np.float32)
-    for rows in tqdm(batches, desc="reference log-probs", disable=not show_progress(progress), leave=False):
-        order = [i for row in rows for i in row]  # the batch's items numbered row by row
-        at = np.cumsum([0] + [len(row) for row in rows])
-        local = [list(range(at[r], at[r + 1])) for r in range(len(rows))]
-        packed = place_rows([encoded[i] for i in order], local, len(rows), data.width, data.pad_id)
-        got = trainer.logps(ref_params, packed["tokens"], packed["items"], packed["loss_mask"], most)
-        out[order] = got[:len(order)]
+    for b in tqdm(batches, desc="reference log-probs", disable=not show_progress(progress), leave=False):
+        # The batch's rows as the step lays them out, items numbered in b.items' (row, slot) order.
+        placed = [[] for _ in range(b.tokens.shape[0])]
+        for j, (_, r, _) in enumerate(b.items):
+            placed[r].append(j)
+        rows = place_rows([encoded[i] for i, _, _ in b.items], placed, *b.tokens.shape, data.pad_id)
+        got = trainer.logps(ref_params, rows["tokens"], rows["items"], rows["loss_mask"], b.last.size)
+        out[[i for i, _, _ in b.items]] = got[:len(b.items)]
     items = np.zeros(len(data.items), np.float32)
     items[wanted] = out[:len(wanted)]
     kl = np.zeros((data.total_steps, data.batch_size), np.float32)
