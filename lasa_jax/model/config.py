@@ -70,9 +70,9 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before rope
     max_position_embeddings: int = 131072
 
-    def num_params(self) -> int:
-        """Exact parameter count of the HF model with this config."""
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (attention, MLP, its two norms)."""
+        d, f = self.hidden_size, self.intermediate_size
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         attn = d * q + 2 * d * kv + q * d
@@ -80,17 +80,19 @@ class ModelConfig:
             attn += q + 2 * kv
         if self.qk_norm:
             attn += 2 * self.head_dim
-        layer = attn + 3 * d * f + 2 * d
+        return attn + 3 * d * f + 2 * d
+
+    def num_params(self) -> int:
+        """Exact parameter count of the HF model with this config."""
+        d, v = self.hidden_size, self.vocab_size
         emb = v * d * (1 if self.tie_embeddings else 2)
-        return self.num_layers * layer + emb + d
+        return self.num_layers * self.layer_params() + emb + d
 
     def attention_cost(self) -> float:
         """FLOPs of attention per token per attended key (QK^T and AV, every layer), relative to
         the token's matmul FLOPs through the weights (layers and LM head): a row of W tokens
         costs about W * (1 + attention_cost() * W) token-matmuls."""
-        d, v = self.hidden_size, self.vocab_size
-        layer_params = (self.num_params() - d - v * d * (1 if self.tie_embeddings else 2)) // self.num_layers
-        per_token = 2 * (self.num_layers * layer_params + v * d)
+        per_token = 2 * (self.num_layers * self.layer_params() + self.vocab_size * self.hidden_size)
         return 4 * self.num_heads * self.head_dim * self.num_layers / per_token
 
     def to_dict(self) -> dict[str, Any]:
